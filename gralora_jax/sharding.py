@@ -1,0 +1,254 @@
+"""Device meshes, sharding rules as data, and placing params / batches on a mesh.
+
+A mesh is written as a string: ``"4x2"`` is (data=4, model=2), ``"2x2x2"`` is
+(data=2, fsdp=2, model=2). Rules are per-architecture lists of
+``(regex on the '/'-joined param path, PartitionSpec)``; the first match wins and an
+unmatched leaf is replicated. Specs name the logical axes ``"data"``, ``"fsdp"`` and
+``"model"``; an axis the mesh lacks (e.g. ``fsdp`` on a 2-D mesh) is dropped, and an
+axis whose size does not divide the dimension falls back to replicated on that dimension,
+so small test shapes never crash.
+
+Adapter leaves have no rules of their own: they follow their sibling ``kernel``. With the
+kernel ``[in, out]`` sharded ``(s_in, s_out)``:
+``gralora_A [k, in/k, r]`` shards its block axis (or, failing divisibility, the in/k axis)
+over ``s_in``; ``gralora_B [k, r, out/k]`` does the same over ``s_out``; ``lora_A`` /
+``gralora_A_general [in, r]`` get ``(s_in, None)``; ``lora_B`` / ``gralora_B_general
+[r, out]`` get ``(None, s_out)``. The rank axis is always replicated. A leading stacked-layer
+(scan) axis is replicated: a rule written for ``[in, out]`` applied to a ``[L, in, out]``
+leaf gets a ``None`` prepended.
+
+>>> parse_mesh("4x2")
+{'data': 4, 'model': 2}
+>>> parse_mesh("2x2x2")
+{'data': 2, 'fsdp': 2, 'model': 2}
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gralora_jax import tree as tree_lib
+
+AXES_2D = ("data", "model")
+AXES_3D = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+_F = "fsdp"
+_M = "model"
+
+_DECODER_RULES = [
+    (r"(^|/)self_attn/(q|k|v)_proj/kernel$", P(_F, _M)),
+    (r"(^|/)self_attn/(q|k|v)_proj/bias$", P(_M)),
+    (r"(^|/)self_attn/o_proj/kernel$", P(_M, _F)),
+    (r"(^|/)mlp/(gate|up)_proj/kernel$", P(_F, _M)),
+    (r"(^|/)mlp/down_proj/kernel$", P(_M, _F)),
+    (r"(^|/)embed_tokens/embedding$", P(_M, _F)),
+    (r"(^|/)lm_head/kernel$", P(_F, _M)),
+]
+
+# Rules per architecture (HF Flax parameter names). Norms and anything unmatched: replicated.
+RULES: dict[str, list[tuple[str, P]]] = {
+    "llama": _DECODER_RULES,
+    "mistral": _DECODER_RULES,
+    "qwen2": _DECODER_RULES,
+    "gemma": _DECODER_RULES,
+    # GPT-2's FlaxConv1D stores its kernel as [out, in] (see OUT_IN_KERNELS).
+    "gpt2": [
+        (r"(^|/)h/\d+/attn/c_attn/kernel$", P(_M, _F)),
+        (r"(^|/)h/\d+/attn/c_attn/bias$", P(_M)),
+        (r"(^|/)h/\d+/attn/c_proj/kernel$", P(_F, _M)),
+        (r"(^|/)h/\d+/mlp/c_fc/kernel$", P(_M, _F)),
+        (r"(^|/)h/\d+/mlp/c_fc/bias$", P(_M)),
+        (r"(^|/)h/\d+/mlp/c_proj/kernel$", P(_F, _M)),
+        (r"(^|/)wte/embedding$", P(_M, _F)),
+    ],
+    "bert": [
+        (r"(^|/)attention/self/(query|key|value)/kernel$", P(_F, _M)),
+        (r"(^|/)attention/self/(query|key|value)/bias$", P(_M)),
+        (r"(^|/)attention/output/dense/kernel$", P(_M, _F)),
+        (r"(^|/)intermediate/dense/kernel$", P(_F, _M)),
+        (r"(^|/)intermediate/dense/bias$", P(_M)),
+        (r"(^|/)layer/\d+/output/dense/kernel$", P(_M, _F)),
+        (r"(^|/)word_embeddings/embedding$", P(_M, _F)),
+    ],
+    "t5": [
+        (r"(^|/)(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", P(_F, _M)),
+        (r"(^|/)(SelfAttention|EncDecAttention)/o/kernel$", P(_M, _F)),
+        (r"(^|/)DenseReluDense/(wi|wi_0|wi_1)/kernel$", P(_F, _M)),
+        (r"(^|/)DenseReluDense/wo/kernel$", P(_M, _F)),
+        (r"(^|/)shared/embedding$", P(_M, _F)),
+        (r"(^|/)lm_head/kernel$", P(_F, _M)),
+    ],
+    "default": [],
+}
+RULES["roberta"] = RULES["bert"]
+RULES["mt5"] = RULES["t5"]
+
+# Kernels stored [out, in] (so an adapter's in/out shardings swap), per architecture.
+OUT_IN_KERNELS: dict[str, list[str]] = {
+    "gpt2": [r"(^|/)h/\d+/(attn|mlp)/c_\w+/kernel$"],
+}
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """``"DxM"`` -> ``{"data": D, "model": M}``; ``"DxFxM"`` -> ``{"data", "fsdp", "model"}``."""
+    if not isinstance(spec, str):
+        raise ValueError(f"mesh spec must be a string like '4x2' or '2x2x2', got {spec!r}")
+    parts = spec.strip().lower().split("x")
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(
+            f"bad mesh spec {spec!r}: expected 'DxM' (data x model, e.g. '4x2') or 'DxFxM' "
+            "(data x fsdp x model, e.g. '2x2x2') with positive integers"
+        )
+    names = AXES_2D if len(parts) == 2 else AXES_3D
+    return dict(zip(names, (int(p) for p in parts)))
+
+
+def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A :class:`jax.sharding.Mesh` for ``spec`` over ``devices`` (default: all devices).
+
+    The mesh must use every device given; otherwise a ``ValueError`` names both numbers.
+    """
+    axes = parse_mesh(spec) if isinstance(spec, str) else dict(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    size = math.prod(axes.values())
+    if size != len(devices):
+        raise ValueError(
+            f"mesh {spec!r} has {size} devices ({' x '.join(f'{k}={v}' for k, v in axes.items())}) "
+            f"but {len(devices)} device(s) are available ({devices[0].platform if devices else '?'}). "
+            "Pick a mesh whose product equals the device count. On CPU you can fake N devices with "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N set before jax is imported "
+            "(see gralora_jax.hostdevices.ensure_host_devices)."
+        )
+    axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types, devices=devices)
+
+
+def _axis_size(mesh: Mesh, entry) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _restrict(entry, mesh: Mesh):
+    """Drop axis names the mesh lacks; () -> None."""
+    if entry is None:
+        return None
+    names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,)) if n in mesh.shape)
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else names
+
+
+def fit_spec(spec: Sequence[Any], shape: Sequence[int], mesh: Mesh) -> P:
+    """``spec`` restricted to ``mesh``'s axes, padded to ``len(shape)``, with any dimension the
+    axis size does not divide (or size-1 axes) replaced by ``None``."""
+    spec = list(spec)
+    if len(spec) == len(shape) - 1:  # stacked (scan) layout: leading layer axis replicated
+        spec = [None] + spec
+    if len(spec) > len(shape):
+        return P(*([None] * len(shape)))
+    spec = spec + [None] * (len(shape) - len(spec))
+    out = []
+    for entry, dim in zip(spec, shape):
+        entry = _restrict(entry, mesh)
+        if entry is not None:
+            n = _axis_size(mesh, entry)
+            if n == 1 or dim % n:
+                entry = None
+        out.append(entry)
+    return P(*out)
+
+
+def _resolve_rules(rules) -> tuple[list[tuple[str, P]], list[str]]:
+    if isinstance(rules, str):
+        if rules not in RULES:
+            raise ValueError(f"no sharding rules for architecture {rules!r}; known: {sorted(RULES)}")
+        return RULES[rules], OUT_IN_KERNELS.get(rules, [])
+    return list(rules or []), []
+
+
+def _adapter_spec(name: str, shape, s_in, s_out, mesh: Mesh) -> P:
+    lead = [None] * (len(shape) - (3 if name in ("gralora_A", "gralora_B") else 2))
+    if name in ("gralora_A", "gralora_B"):
+        s = s_in if name == "gralora_A" else s_out
+        k, inner = (shape[-3], shape[-2]) if name == "gralora_A" else (shape[-3], shape[-1])
+        if s is None:
+            body = [None, None, None]
+        elif k % _axis_size(mesh, s) == 0:
+            body = [s, None, None]
+        elif inner % _axis_size(mesh, s) == 0:
+            body = [None, s, None] if name == "gralora_A" else [None, None, s]
+        else:
+            body = [None, None, None]
+    elif name in ("lora_A", "gralora_A_general"):
+        body = [s_in, None]
+    else:  # lora_B, gralora_B_general
+        body = [None, s_out]
+    return fit_spec(lead + body, shape, mesh)
+
+
+def param_partition_specs(params: Mapping[str, Any], rules, mesh: Mesh, *, out_in_kernels=()) -> dict:
+    """Tree of :class:`PartitionSpec` for ``params`` (arrays or shape structs).
+
+    ``rules`` is an architecture name (key of :data:`RULES`) or a list of ``(regex, spec)``;
+    ``out_in_kernels`` adds regexes of kernels stored ``[out, in]``.
+    """
+    rule_list, out_in = _resolve_rules(rules)
+    out_in = [re.compile(r) for r in (*out_in, *out_in_kernels)]
+    compiled = [(re.compile(r), spec) for r, spec in rule_list]
+    flat = tree_lib.flatten(params)
+
+    def base_spec(path, leaf):
+        for rx, spec in compiled:
+            if rx.search(path):
+                return fit_spec(tuple(spec), np.shape(leaf), mesh)
+        return P(*([None] * len(np.shape(leaf))))
+
+    specs = {p: base_spec(p, v) for p, v in flat.items() if not tree_lib.is_adapter_path(p)}
+    for p, v in flat.items():
+        if not tree_lib.is_adapter_path(p):
+            continue
+        kpath = p.rsplit("/", 1)[0] + "/kernel"
+        kspec = specs.get(kpath)
+        s_in = s_out = None
+        if kspec is not None and len(kspec) >= 2:
+            s_in, s_out = kspec[-2], kspec[-1]
+            if any(rx.search(kpath) for rx in out_in):
+                s_in, s_out = s_out, s_in
+        specs[p] = _adapter_spec(tree_lib.leaf_name(p), np.shape(v), s_in, s_out, mesh)
+    return tree_lib.unflatten({p: specs[p] for p in flat})
+
+
+def named_shardings(mesh: Mesh, specs: Any) -> Any:
+    """Tree of PartitionSpec -> tree of NamedSharding."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def shard_params(params: Any, mesh: Mesh, specs: Any) -> Any:
+    """Place ``params`` on ``mesh`` according to ``specs`` (a tree of PartitionSpec)."""
+    return jax.device_put(params, named_shardings(mesh, specs))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_spec(mesh: Mesh) -> P:
+    """Leading (batch) axis over every data-parallel mesh axis (``data`` and, if present, ``fsdp``)."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return P(axes if len(axes) > 1 else axes[0])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch array: leading axis split over ``data`` (and ``fsdp``), rest replicated."""
+    return NamedSharding(mesh, batch_spec(mesh))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
