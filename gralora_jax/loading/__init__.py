@@ -1,0 +1,30 @@
+"""Base-checkpoint loading: safetensors (single/sharded, bf16), HF Flax msgpack, GGUF.
+
+Sub-modules, one job each:
+
+* :mod:`.safetensors_io` -- read/write the safetensors format as numpy, no torch.
+* :mod:`.convert` -- HF PyTorch state dict <-> Flax param tree, driven by the target shapes.
+* :mod:`.pretrained` -- ``load_pretrained(dir | hub id | .gguf)`` -> ``(model, params)``.
+* :mod:`.gguf_io` -- llama.cpp GGUF (Llama family) -> HF config, state dict, tokenizer.
+"""
+
+from gralora_jax.loading.convert import flax_to_torch_state_dict, torch_to_flax_params
+from gralora_jax.loading.safetensors_io import (
+    SafetensorsError,
+    read_metadata,
+    read_safetensors,
+    read_safetensors_file,
+    write_safetensors,
+    write_sharded_safetensors,
+)
+
+__all__ = [
+    "SafetensorsError",
+    "flax_to_torch_state_dict",
+    "read_metadata",
+    "read_safetensors",
+    "read_safetensors_file",
+    "torch_to_flax_params",
+    "write_safetensors",
+    "write_sharded_safetensors",
+]
