@@ -1,0 +1,247 @@
+"""Adapter configurations: ``GraLoRAConfig`` (PEFT's GraLoRA) and ``LoRAConfig`` (the baseline).
+
+Both are frozen dataclasses with PEFT's field names and defaults, validated on construction
+with PEFT's exact error messages, and convertible to and from the dict PEFT writes to
+``adapter_config.json``.
+
+>>> cfg = GraLoRAConfig(r=16, alpha=32, gralora_k=4, target_modules=["q_proj", "v_proj"])
+>>> cfg.scaling
+2.0
+>>> GraLoRAConfig.from_peft_dict(cfg.to_peft_dict()) == cfg
+True
+>>> GraLoRAConfig(r=6, gralora_k=4)
+Traceback (most recent call last):
+...
+ValueError: r should be divisible by gralora_k, but got 6 and 4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence, Union
+
+TargetModules = Union[str, tuple[str, ...], None]
+
+_BIAS_CHOICES = ("none", "all", "gralora_only")
+PEFT_VERSION = "0.21.2"
+
+
+def _as_tuple(v):
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return (v,)
+    return tuple(v)
+
+
+def _check_rank(r: int, hybrid_r: int = 0) -> None:
+    """PEFT's per-layer checks (raised when the adapter meets a layer; here also at config time)."""
+    if r <= 0:
+        raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+    if hybrid_r < 0:
+        raise ValueError(f"`hybrid_r` should be a non-negative integer value but the value passed is {hybrid_r}")
+
+
+def check_layer_divisible(in_features: int, out_features: int, gralora_k: int) -> None:
+    """PEFT's layer-shape checks, with its messages."""
+    if in_features % gralora_k != 0:
+        raise ValueError(f"in_features should be divisible by gralora_k, but got {in_features} and {gralora_k}")
+    if out_features % gralora_k != 0:
+        raise ValueError(f"out_features should be divisible by gralora_k, but got {out_features} and {gralora_k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GraLoRAConfig:
+    """GraLoRA adapter settings, field for field PEFT's ``GraloraConfig``."""
+
+    r: int = 32  # GraLoRA rank (parameter count of LoRA rank r); each of the k*k blocks has rank r/k
+    alpha: int = 64  # scaling numerator: scale = alpha / (r + hybrid_r)
+    gralora_k: int = 2  # number of input/output blocks; r must be divisible by it
+    hybrid_r: int = 0  # rank of the extra plain-LoRA path shared by all blocks (hybrid GraLoRA)
+    gralora_dropout: float = 0.0  # dropout on the adapter input (never on the base path)
+    target_modules: TargetModules = None  # module-name suffixes, or a regex on the dotted path
+    layers_to_transform: Optional[tuple[int, ...]] = None  # only these layer indices (list targets only)
+    layers_pattern: Union[str, tuple[str, ...], None] = None  # name of the layer list ("layers", "h", ...)
+    fan_in_fan_out: bool = False  # the base stores its weight as (fan_in, fan_out) in torch (GPT-2 Conv1D)
+    bias: str = "none"  # which biases train: none / all / gralora_only
+    init_weights: bool = True  # PEFT init (B = 0); False makes B random too (testing)
+    modules_to_save: Optional[tuple[str, ...]] = None  # extra fully-trained modules (recorded only)
+    base_model_name_or_path: Optional[str] = None  # recorded in adapter_config.json
+    task_type: Optional[str] = None  # e.g. "CAUSAL_LM"; recorded in adapter_config.json
+
+    peft_type = "GRALORA"
+    method = "gralora"
+
+    def __post_init__(self):
+        for name in ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        if self.gralora_k <= 0:
+            raise ValueError(
+                f"`gralora_k` should be a positive integer value but the value passed is {self.gralora_k}"
+            )
+        if self.r % self.gralora_k != 0:
+            raise ValueError(f"r should be divisible by gralora_k, but got {self.r} and {self.gralora_k}")
+        _check_rank(self.r, self.hybrid_r)
+        if self.bias not in _BIAS_CHOICES:
+            raise ValueError(f"bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
+        if not 0.0 <= self.gralora_dropout < 1.0:
+            raise ValueError(f"gralora_dropout must be in [0, 1), got {self.gralora_dropout}")
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's scale: ``alpha / (r + hybrid_r)``."""
+        return self.alpha / (self.r + self.hybrid_r)
+
+    @property
+    def dropout(self) -> float:
+        return self.gralora_dropout
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The dict PEFT writes as ``adapter_config.json``."""
+        return {
+            "peft_type": self.peft_type,
+            "peft_version": PEFT_VERSION,
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": None,
+            "inference_mode": False,
+            "r": self.r,
+            "hybrid_r": self.hybrid_r,
+            "alpha": self.alpha,
+            "gralora_k": self.gralora_k,
+            "gralora_dropout": self.gralora_dropout,
+            "target_modules": _target_modules_to_json(self.target_modules),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "bias": self.bias,
+            "init_weights": self.init_weights,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+            "layers_to_transform": list(self.layers_to_transform) if self.layers_to_transform else None,
+            "layers_pattern": (
+                list(self.layers_pattern) if isinstance(self.layers_pattern, tuple) else self.layers_pattern
+            ),
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any], *, authors_convention: bool = False) -> "GraLoRAConfig":
+        """Build from an ``adapter_config.json`` dict.
+
+        ``authors_convention=True`` reads a config written by the paper authors' code, whose
+        ``r`` is the total rank including ``hybrid_r`` (and whose scale is ``alpha / r``, which
+        equals PEFT's ``alpha / (r_gralora + hybrid_r)``): the GraLoRA rank becomes ``r - hybrid_r``.
+        """
+        peft_type = d.get("peft_type", "GRALORA")
+        if str(peft_type).upper() != "GRALORA":
+            raise ValueError(f"not a GraLoRA adapter config: peft_type is {peft_type!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        if authors_convention:
+            hybrid = int(kw.get("hybrid_r", 0))
+            kw["r"] = int(kw.get("r", 32)) - hybrid
+        return cls(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Plain LoRA settings with PEFT LoRA's names: the baseline GraLoRA is compared against."""
+
+    r: int = 8  # rank
+    lora_alpha: int = 8  # scale = lora_alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    target_modules: TargetModules = None  # as in GraLoRAConfig
+    layers_to_transform: Optional[tuple[int, ...]] = None  # as in GraLoRAConfig
+    layers_pattern: Union[str, tuple[str, ...], None] = None  # as in GraLoRAConfig
+    fan_in_fan_out: bool = False  # as in GraLoRAConfig
+    bias: str = "none"  # none / all / lora_only
+    init_lora_weights: bool = True  # PEFT init: A Kaiming-uniform, B zeros
+    modules_to_save: Optional[tuple[str, ...]] = None  # recorded only
+    base_model_name_or_path: Optional[str] = None  # recorded in adapter_config.json
+    task_type: Optional[str] = None  # recorded in adapter_config.json
+
+    peft_type = "LORA"
+    method = "lora"
+
+    def __post_init__(self):
+        for name in ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save"):
+            object.__setattr__(self, name, _as_tuple(getattr(self, name)))
+        _check_rank(self.r)
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"bias must be one of none/all/lora_only, got {self.bias!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout
+
+    @property
+    def init_weights(self) -> bool:
+        return self.init_lora_weights
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        return {
+            "peft_type": self.peft_type,
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "inference_mode": False,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": _target_modules_to_json(self.target_modules),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "bias": self.bias,
+            "init_lora_weights": self.init_lora_weights,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+            "layers_to_transform": list(self.layers_to_transform) if self.layers_to_transform else None,
+            "layers_pattern": (
+                list(self.layers_pattern) if isinstance(self.layers_pattern, tuple) else self.layers_pattern
+            ),
+            "use_rslora": False,
+            "use_dora": False,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+        if str(d.get("peft_type", "LORA")).upper() != "LORA":
+            raise ValueError(f"not a LoRA adapter config: peft_type is {d.get('peft_type')!r}")
+        for flag in ("use_rslora", "use_dora"):
+            if d.get(flag):
+                raise ValueError(f"LoRA variant {flag}=True is not supported")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+AdapterConfig = Union[GraLoRAConfig, LoRAConfig]
+
+
+def _target_modules_to_json(t):
+    if t is None or isinstance(t, str):
+        return t
+    return sorted(t)
+
+
+def config_from_peft_dict(d: dict[str, Any], *, authors_convention: bool = False) -> AdapterConfig:
+    """Pick the config class from ``peft_type``."""
+    kind = str(d.get("peft_type", "")).upper()
+    if kind == "GRALORA":
+        return GraLoRAConfig.from_peft_dict(d, authors_convention=authors_convention)
+    if kind == "LORA":
+        return LoRAConfig.from_peft_dict(d)
+    raise ValueError(f"unsupported peft_type {d.get('peft_type')!r}: expected GRALORA or LORA")
+
+
+def load_adapter_config(directory: Union[str, os.PathLike], **kw) -> AdapterConfig:
+    path = os.path.join(directory, "adapter_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no adapter_config.json in {directory}")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return config_from_peft_dict(d, **kw)

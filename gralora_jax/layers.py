@@ -1,0 +1,325 @@
+"""GraLoRA and LoRA layers for flax.linen, and the pure block math behind them.
+
+GraLoRA splits a dense layer's ``in`` features into ``k`` input blocks and its ``out``
+features into ``k`` output blocks, and gives every (input block n, output block j) pair its
+own rank ``s = r / k`` adapter. The ``k*k`` adapters are stored as two stacked tensors,
+exactly PEFT's layout:
+
+* ``gralora_A``: ``[k, in/k, r]``; ``A[n][:, j*s:(j+1)*s]`` is the A-factor of pair (n, j)
+* ``gralora_B``: ``[k, r, out/k]``; ``B[j][n*s:(n+1)*s, :]`` is the B-factor of pair (n, j)
+
+plus an optional plain-LoRA "hybrid" path ``gralora_A_general [in, h]``,
+``gralora_B_general [h, out]``. The output is
+``base(x) + scale * (blocks(x) + x @ A_general @ B_general)`` with
+``scale = alpha / (r + h)``. All k*k pairs are evaluated by two einsums (no Python loop
+over blocks): the first projects every input block to its ``r`` latents already grouped
+by output block, the second contracts each output block's ``k*s`` latents with its B.
+
+Everything here is a pure function of a layer's parameter dict, so the same math serves
+the ``GraLoRADense`` module, the surgery that routes Hugging Face models' ``nn.Dense``
+calls through adapters, merging, and export:
+
+>>> import jax, jax.numpy as jnp
+>>> p = init_gralora_adapter(jax.random.PRNGKey(0), 8, 4, r=4, k=2)
+>>> {k: v.shape for k, v in p.items()}
+{'gralora_A': (2, 4, 4), 'gralora_B': (2, 4, 2)}
+>>> float(jnp.abs(delta_kernel(p, scaling=2.0)).max())  # B starts at zero
+0.0
+
+This module knows nothing of transformers, optax or orbax.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from gralora_jax.config import check_layer_divisible
+
+Array = jax.Array
+Adapter = Mapping[str, Array]
+
+# ----------------------------------------------------------------------------- init
+
+
+def _kaiming_uniform(key, shape, fan_in, dtype):
+    """torch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def init_gralora_adapter(
+    key: Array,
+    in_features: int,
+    out_features: int,
+    r: int,
+    k: int,
+    hybrid_r: int = 0,
+    dtype: Any = jnp.float32,
+    init_weights: bool = True,
+) -> dict[str, Array]:
+    """PEFT's GraLoRA initialisation: A Kaiming-uniform on fan-in ``in/k``, B zeros.
+
+    With ``init_weights=False`` B is random too (PEFT's testing mode). The hybrid path,
+    when ``hybrid_r > 0``, has A Kaiming-uniform on fan-in ``in`` and B zeros.
+    """
+    check_layer_divisible(in_features, out_features, k)
+    ka, kb, kga, kgb = jax.random.split(key, 4)
+    i, o = in_features // k, out_features // k
+    out = {"gralora_A": _kaiming_uniform(ka, (k, i, r), i, dtype)}
+    if init_weights:
+        out["gralora_B"] = jnp.zeros((k, r, o), dtype)
+    else:
+        out["gralora_B"] = _kaiming_uniform(kb, (k, r, o), r, dtype)
+    if hybrid_r > 0:
+        out["gralora_A_general"] = _kaiming_uniform(kga, (in_features, hybrid_r), in_features, dtype)
+        out["gralora_B_general"] = (
+            jnp.zeros((hybrid_r, out_features), dtype)
+            if init_weights
+            else _kaiming_uniform(kgb, (hybrid_r, out_features), hybrid_r, dtype)
+        )
+    return out
+
+
+def init_lora_adapter(
+    key: Array, in_features: int, out_features: int, r: int, dtype: Any = jnp.float32, init_weights: bool = True
+) -> dict[str, Array]:
+    """PEFT LoRA's initialisation: ``lora_A [in, r]`` Kaiming-uniform, ``lora_B [r, out]`` zeros."""
+    ka, kb = jax.random.split(key)
+    b = jnp.zeros((r, out_features), dtype) if init_weights else _kaiming_uniform(kb, (r, out_features), r, dtype)
+    return {"lora_A": _kaiming_uniform(ka, (in_features, r), in_features, dtype), "lora_B": b}
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def is_gralora(adapter: Adapter) -> bool:
+    return "gralora_A" in adapter
+
+
+def adapter_in_out(adapter: Adapter) -> tuple[int, int]:
+    """(in_features, out_features) implied by an adapter's tensors."""
+    if is_gralora(adapter):
+        k, i, _ = adapter["gralora_A"].shape[-3:]
+        return k * i, k * adapter["gralora_B"].shape[-1]
+    return adapter["lora_A"].shape[-2], adapter["lora_B"].shape[-1]
+
+
+def _dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def gralora_blocks(x: Array, A: Array, B: Array, precision=None) -> Array:
+    """The k*k block adapters (no scale): ``[..., in] -> [..., out]``.
+
+    Pair (n, j) maps input block n through ``A[n][:, j*s:(j+1)*s]`` and
+    ``B[j][n*s:(n+1)*s, :]`` into output block j; all pairs in two einsums.
+    """
+    k, i, r = A.shape
+    s = r // k
+    o = B.shape[-1]
+    xb = x.reshape(*x.shape[:-1], k, i)  # [..., n, i]
+    a = A.reshape(k, i, k, s)  # [n, i, j, s]
+    z = jnp.einsum("...ni,nijs->...jns", xb, a, precision=precision)  # latents grouped by output block
+    b = B.reshape(k, k, s, o)  # [j, n, s, o]
+    out = jnp.einsum("...jns,jnso->...jo", z, b, precision=precision)
+    return out.reshape(*x.shape[:-1], k * o)
+
+
+def adapter_output(
+    x: Array,
+    adapter: Adapter,
+    scaling: float,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[Array] = None,
+    precision=None,
+) -> Array:
+    """The adapter's contribution ``scale * (...)`` for input ``x`` (base output excluded).
+
+    Dispatches on the keys: ``gralora_A``/``gralora_B`` (+ hybrid ``*_general``) or
+    ``lora_A``/``lora_B``. ``x`` is cast to the adapter's dtype (PEFT does the same); the
+    result is in that dtype. Dropout on ``x`` is applied only when ``dropout_rng`` is given
+    and the rate is positive; the hybrid path draws its own mask, as in PEFT.
+    """
+    if is_gralora(adapter):
+        A, B = adapter["gralora_A"], adapter["gralora_B"]
+        dt = A.dtype
+        x = x.astype(dt)
+        r1, r2 = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
+        out = gralora_blocks(_dropout(x, dropout_rate, r1), A, B, precision)
+        if "gralora_A_general" in adapter:
+            xg = _dropout(x, dropout_rate, r2)
+            out = out + (xg @ adapter["gralora_A_general"]) @ adapter["gralora_B_general"]
+        return (scaling * out).astype(dt)
+    if "lora_A" in adapter:
+        A, B = adapter["lora_A"], adapter["lora_B"]
+        x = _dropout(x.astype(A.dtype), dropout_rate, dropout_rng)
+        return (scaling * ((x @ A) @ B)).astype(A.dtype)
+    raise ValueError(f"not an adapter: keys {sorted(adapter)}")
+
+
+def delta_kernel(adapter: Adapter, scaling: float) -> Array:
+    """The adapter's weight update in Flax kernel layout ``[in, out]``, scale included.
+
+    Block (n, j) of the result (rows of input block n, columns of output block j) is
+    ``A[n][:, j*s:(j+1)*s] @ B[j][n*s:(n+1)*s, :]``; the hybrid path adds
+    ``A_general @ B_general``. Leading (e.g. stacked-layer) axes are carried through.
+    """
+    if is_gralora(adapter):
+        A, B = adapter["gralora_A"], adapter["gralora_B"]
+        *lead, k, i, r = A.shape
+        s = r // k
+        o = B.shape[-1]
+        a = A.reshape(*lead, k, i, k, s)  # [..., n, i, j, s]
+        b = B.reshape(*lead, k, k, s, o)  # [..., j, n, s, o]
+        d = jnp.einsum("...nijs,...jnso->...nijo", a, b, precision=jax.lax.Precision.HIGHEST)
+        d = d.reshape(*lead, k * i, k * o)
+        if "gralora_A_general" in adapter:
+            d = d + jnp.matmul(
+                adapter["gralora_A_general"], adapter["gralora_B_general"], precision=jax.lax.Precision.HIGHEST
+            )
+        return scaling * d
+    if "lora_A" in adapter:
+        return scaling * jnp.matmul(adapter["lora_A"], adapter["lora_B"], precision=jax.lax.Precision.HIGHEST)
+    raise ValueError(f"not an adapter: keys {sorted(adapter)}")
+
+
+def _kernel_delta(layer: Mapping[str, Array], scaling: float, kernel_layout: str) -> Array:
+    if kernel_layout not in ("in_out", "out_in"):
+        raise ValueError(f"kernel_layout must be 'in_out' or 'out_in', got {kernel_layout!r}")
+    d = delta_kernel(layer, scaling)
+    return jnp.swapaxes(d, -1, -2) if kernel_layout == "out_in" else d
+
+
+def merge(layer: Mapping[str, Array], scaling: float, kernel_layout: str = "in_out") -> dict[str, Array]:
+    """A layer dict with the delta added to ``kernel`` (adapter leaves kept, for ``unmerge``).
+
+    ``kernel_layout="out_in"`` is for kernels stored ``[out, in]`` (transformers'
+    FlaxConv1D in GPT-2). The addition happens in float32 and is cast back to the kernel dtype.
+    """
+    kernel = layer["kernel"]
+    d = _kernel_delta(layer, scaling, kernel_layout)
+    return {**layer, "kernel": (kernel.astype(jnp.float32) + d.astype(jnp.float32)).astype(kernel.dtype)}
+
+
+def unmerge(layer: Mapping[str, Array], scaling: float, kernel_layout: str = "in_out") -> dict[str, Array]:
+    """Inverse of :func:`merge`: subtract the delta from ``kernel``."""
+    kernel = layer["kernel"]
+    d = _kernel_delta(layer, scaling, kernel_layout)
+    return {**layer, "kernel": (kernel.astype(jnp.float32) - d.astype(jnp.float32)).astype(kernel.dtype)}
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class _AdaptedDense(nn.Module):
+    """``nn.Dense`` with an adapter beside the kernel; subclasses declare the adapter params."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Optional[Any] = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    adapter_dtype: Any = jnp.float32  # adapters stay float32 even when the base is bfloat16
+    init_weights: bool = True  # PEFT init (B = 0); False: B random too
+
+    def _adapter(self, in_features: int) -> dict[str, Array]:  # declares and returns the adapter params
+        raise NotImplementedError
+
+    def _scaling(self) -> float:
+        raise NotImplementedError
+
+    def _dropout_rate(self) -> float:
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(self, inputs: Array, deterministic: bool = True) -> Array:
+        in_features = inputs.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        x, k, b = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        if b is not None:
+            y = y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))
+        adapter = self._adapter(in_features)
+        rate = self._dropout_rate()
+        rng = self.make_rng("dropout") if (not deterministic and rate > 0.0) else None
+        delta = adapter_output(
+            inputs, adapter, self._scaling(), dropout_rate=rate, dropout_rng=rng, precision=self.precision
+        )
+        return y + delta.astype(y.dtype)
+
+
+class GraLoRADense(_AdaptedDense):
+    """Drop-in ``nn.Dense`` with a GraLoRA adapter (PEFT semantics).
+
+    Same constructor arguments and ``kernel``/``bias`` names as ``nn.Dense`` (base checkpoints
+    load unchanged), plus ``r``, ``alpha``, ``gralora_k``, ``hybrid_r``, ``gralora_dropout``.
+    Dropout needs ``deterministic=False`` and a ``dropout`` rng.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = GraLoRADense(features=8, r=4, alpha=8, gralora_k=2)
+    >>> v = layer.init(jax.random.PRNGKey(0), jnp.ones((2, 3, 16)))
+    >>> sorted(v["params"])
+    ['bias', 'gralora_A', 'gralora_B', 'kernel']
+    >>> layer.apply(v, jnp.ones((2, 3, 16))).shape
+    (2, 3, 8)
+    """
+
+    r: int = 32
+    alpha: float = 64
+    gralora_k: int = 2
+    hybrid_r: int = 0
+    gralora_dropout: float = 0.0
+
+    def _scaling(self):
+        return self.alpha / (self.r + self.hybrid_r)
+
+    def _dropout_rate(self):
+        return self.gralora_dropout
+
+    def _adapter(self, in_features):
+        from gralora_jax.config import GraLoRAConfig
+
+        GraLoRAConfig(r=self.r, alpha=self.alpha, gralora_k=self.gralora_k, hybrid_r=self.hybrid_r)  # validate
+        k, r, h, dt = self.gralora_k, self.r, self.hybrid_r, self.adapter_dtype
+        check_layer_divisible(in_features, self.features, k)
+        init = lambda key: init_gralora_adapter(key, in_features, self.features, r, k, h, dt, self.init_weights)
+        names = ["gralora_A", "gralora_B"] + (["gralora_A_general", "gralora_B_general"] if h > 0 else [])
+        return {n: self.param(n, lambda key, n=n: init(key)[n]) for n in names}
+
+
+class LoRADense(_AdaptedDense):
+    """Drop-in ``nn.Dense`` with a plain LoRA adapter (PEFT LoRA: scale ``lora_alpha / r``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = LoRADense(features=8, r=4, lora_alpha=8)
+    >>> sorted(layer.init(jax.random.PRNGKey(0), jnp.ones((3, 16)))["params"])
+    ['bias', 'kernel', 'lora_A', 'lora_B']
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+
+    def _scaling(self):
+        return self.lora_alpha / self.r
+
+    def _dropout_rate(self):
+        return self.lora_dropout
+
+    def _adapter(self, in_features):
+        if self.r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
+        init = lambda key: init_lora_adapter(key, in_features, self.features, self.r, self.adapter_dtype, self.init_weights)
+        return {n: self.param(n, lambda key, n=n: init(key)[n]) for n in ("lora_A", "lora_B")}
