@@ -1,0 +1,24 @@
+"""Our own flax.linen causal LMs with transformers' Flax parameter names.
+
+Llama (incl. llama3 rope scaling), Qwen2, Mistral, Gemma, Gemma2; see ``decoder.py``
+for the tree layout and numerics, ``causal_lm.py`` for the call convention,
+``auto.py`` for loading checkpoints, ``generation.py`` for KV-cache decoding.
+"""
+
+from gralora_jax.models.causal_lm import CausalLM
+from gralora_jax.models.decoder import CausalLMOutput
+from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
+from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from gralora_jax.models.spec import DecoderSpec, spec_from_hf_config
+
+__all__ = [
+    "CausalLM",
+    "CausalLMOutput",
+    "DecoderSpec",
+    "Gemma2ForCausalLM",
+    "GemmaForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "spec_from_hf_config",
+]

@@ -1,0 +1,107 @@
+"""Causal self-attention kernels: ``jax.nn.dot_product_attention`` plus masks built from data.
+
+Two regimes:
+
+* **No cache** (training, scoring): queries and keys are the same positions, so the causal
+  and sliding-window structure is passed as ``is_causal`` / ``local_window_size`` (cuDNN
+  can skip the masked blocks) and padding as either a boolean key mask ``[B, 1, 1, S]``
+  (any padding side) or ``key_value_seq_lengths`` (right padding only; cuDNN supports it).
+* **KV cache** (generation): queries sit at cache slots ``index .. index+T-1`` of a
+  fixed-size cache, so the mask is explicit: slot ``j`` is visible to the query in slot
+  ``i`` iff it holds a real token, ``j <= i`` and (with a window ``w``) ``j > i - w``
+  (transformers' convention: the window counts the query itself).
+
+GQA is native to ``jax.nn.dot_product_attention`` (K/V are not repeated). Its XLA path
+computes logits in float32 and the softmax in float32. Gemma2's logit soft-capping is not
+expressible there, so :func:`softcap_attention` is a small einsum implementation with the
+same masking and float32 softmax.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def cache_mask(kv_valid, cache_index, q_len: int, window: Optional[int] = None):
+    """Boolean mask ``[B, 1, T, S]`` for queries at cache slots ``cache_index + arange(T)``.
+
+    ``kv_valid``: ``[B, S]`` bool, slots that hold (or will hold, after this step's write)
+    real tokens.
+    """
+    S = kv_valid.shape[-1]
+    q_slot = cache_index + jnp.arange(q_len)[:, None]  # [T, 1]
+    k_slot = jnp.arange(S)[None, :]  # [1, S]
+    allowed = k_slot <= q_slot
+    if window is not None:
+        allowed = allowed & (k_slot > q_slot - window)
+    return kv_valid[:, None, None, :] & allowed[None, None]
+
+
+def _full_mask(q_len, kv_len, window, key_mask):
+    q = jnp.arange(q_len)[:, None]
+    k = jnp.arange(kv_len)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed[None, None]
+    return allowed if key_mask is None else allowed & key_mask
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    scale: float,
+    window: Optional[int] = None,
+    key_mask=None,
+    kv_lengths=None,
+    full_mask=None,
+    softcap: Optional[float] = None,
+    implementation: Optional[str] = None,
+):
+    """Causal attention. ``q`` ``[B, T, N, H]``, ``k``/``v`` ``[B, S, K, H]`` -> ``[B, T, N, H]``.
+
+    Exactly one way of masking is used:
+    ``full_mask`` ``[B, 1, T, S]`` (cache path; causal/window already folded in), or the
+    no-cache path where ``T == S`` and causality/window come from positions, plus optional
+    ``key_mask`` ``[B, 1, 1, S]`` (bool) or ``kv_lengths`` ``[B]`` (right padding).
+    """
+    if softcap is not None:
+        if full_mask is None:
+            full_mask = _full_mask(q.shape[1], k.shape[1], window, key_mask)
+            if kv_lengths is not None:
+                full_mask = full_mask & (jnp.arange(k.shape[1])[None, None, None, :] < kv_lengths[:, None, None, None])
+        return softcap_attention(q, k, v, full_mask, scale=scale, softcap=softcap)
+    if full_mask is not None:
+        return jax.nn.dot_product_attention(q, k, v, mask=full_mask, scale=scale, implementation=implementation)
+    kw = {}
+    if window is not None:
+        kw["local_window_size"] = (window - 1, 0)
+    if kv_lengths is not None:
+        lengths = kv_lengths.astype(jnp.int32)
+        kw["query_seq_lengths"] = lengths
+        kw["key_value_seq_lengths"] = lengths
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=key_mask, scale=scale, is_causal=True, implementation=implementation, **kw
+    )
+
+
+def softcap_attention(q, k, v, mask, *, scale: float, softcap: float):
+    """Attention with ``softcap * tanh(logits / softcap)`` before masking (Gemma2); float32 softmax."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap * jnp.tanh(logits / softcap)
+    if mask is not None:
+        m = mask.reshape(mask.shape[0], 1, 1, *mask.shape[2:]) if mask.shape[1] == 1 else mask.reshape(
+            mask.shape[0], K, G, *mask.shape[2:])
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(B, T, N, H)

@@ -1,0 +1,175 @@
+"""One hashable description of a decoder-only architecture, read from a transformers config.
+
+transformers config objects are mutable and unhashable, and every architecture spells
+its quirks differently (Qwen2 has q/k/v bias but no ``attention_bias`` field, Mistral
+windows every layer, Gemma2 alternates, ...). :func:`spec_from_hf_config` reads them
+once into a frozen :class:`DecoderSpec` that the linen modules take as a field, so
+``nn.scan``/``nn.remat`` can hash it and no module ever looks at the HF config.
+
+>>> from transformers import LlamaConfig
+>>> s = spec_from_hf_config(LlamaConfig(hidden_size=64, num_attention_heads=4,
+...     num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128, vocab_size=128))
+>>> s.head_dim, s.num_kv_heads, s.windows, s.qkv_bias
+(16, 2, (None, None), False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+REMAT_POLICIES = (
+    "none",  # no rematerialisation
+    "full",  # save nothing, recompute the whole layer in the backward pass
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "nothing_saveable",
+    "everything_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    theta: float  # rotary base (config.rope_theta)
+    rotary_dim: int  # number of rotated features per head (head_dim * partial_rotary_factor)
+    rope_type: str = "default"  # one of SUPPORTED_ROPE_TYPES
+    factor: float = 1.0  # scaling factor for linear / dynamic / llama3
+    low_freq_factor: float = 1.0  # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
+    original_max_position_embeddings: int = 8192  # llama3: pre-training context length
+    max_position_embeddings: int = 2048  # dynamic: length above which the base grows
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    model_type: str  # "llama", "qwen2", "mistral", "gemma", "gemma2"
+    vocab_size: int  # rows of the embedding
+    hidden_size: int  # model width
+    intermediate_size: int  # MLP width
+    num_layers: int  # decoder layers
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (GQA when < num_heads)
+    head_dim: int  # per-head width
+    rms_norm_eps: float  # RMSNorm epsilon
+    hidden_act: str  # MLP activation name (silu, gelu, gelu_pytorch_tanh, ...)
+    rope: RopeSpec  # rotary embedding parameters
+    windows: tuple  # per layer: sliding window length (tokens incl. self) or None
+    qkv_bias: bool = False  # bias on q/k/v projections
+    o_bias: bool = False  # bias on o_proj
+    mlp_bias: bool = False  # bias on gate/up/down
+    tie_word_embeddings: bool = False  # logits via embed_tokens.attend, no lm_head param
+    norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight); Gemma uses 1
+    embed_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
+    sandwich_norms: bool = False  # Gemma2: post-attention and pre/post feed-forward norms
+    query_scale: Optional[float] = None  # attention logit scale; None -> head_dim ** -0.5
+    attn_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of attention logits
+    final_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of output logits
+    initializer_range: float = 0.02  # std of the normal init of kernels and embeddings
+    scan_layers: bool = False  # nn.scan over layers (params under model/layers/scan, leading layer axis)
+    remat_policy: str = "none"  # jax.checkpoint policy per layer, one of REMAT_POLICIES
+    attn_implementation: Optional[str] = None  # jax.nn.dot_product_attention implementation (None/"xla"/"cudnn")
+    attention_mask_mode: str = "mask"  # "mask": any padding; "lengths": right padding only, cuDNN-friendly
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_kv_heads})")
+        if len(self.windows) != self.num_layers:
+            raise ValueError(f"windows has {len(self.windows)} entries for {self.num_layers} layers")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {REMAT_POLICIES}")
+        if self.attention_mask_mode not in ("mask", "lengths"):
+            raise ValueError(f"attention_mask_mode must be 'mask' or 'lengths', got {self.attention_mask_mode!r}")
+        if self.attn_implementation not in (None, "xla", "cudnn"):
+            raise ValueError(f"attn_implementation must be None, 'xla' or 'cudnn', got {self.attn_implementation!r}")
+        if self.scan_layers and len(set(self.windows)) > 1:
+            raise ValueError("scan_layers=True needs every layer to have the same attention window; "
+                             f"got {self.windows}")
+        if self.rope.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope_scaling type {self.rope.rope_type!r}; "
+                             f"supported: {SUPPORTED_ROPE_TYPES}")
+
+
+def _rope_spec(config: Any, head_dim: int) -> RopeSpec:
+    partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+    rotary_dim = int(head_dim * partial)
+    theta = float(getattr(config, "rope_theta", 10000.0))
+    max_pos = int(getattr(config, "max_position_embeddings", 2048))
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+    kw: dict = {}
+    if rope_type != "default":
+        kw["factor"] = float(scaling["factor"])
+    if rope_type == "llama3":
+        kw["low_freq_factor"] = float(scaling["low_freq_factor"])
+        kw["high_freq_factor"] = float(scaling["high_freq_factor"])
+        kw["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+    return RopeSpec(theta=theta, rotary_dim=rotary_dim, rope_type=rope_type,
+                    max_position_embeddings=max_pos, **kw)
+
+
+def _windows(config: Any, model_type: str, n: int) -> tuple:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and window is not None:
+        return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    if model_type == "mistral" and window is not None:
+        return (int(window),) * n
+    return (None,) * n
+
+
+def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
+    """Read a transformers ``PretrainedConfig`` (llama/qwen2/mistral/gemma/gemma2) into a DecoderSpec.
+
+    ``overrides`` set the run-time fields (``scan_layers``, ``remat_policy``,
+    ``attn_implementation``, ``attention_mask_mode``).
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+    n_heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    n_layers = int(config.num_hidden_layers)
+    kv = getattr(config, "num_key_value_heads", None) or n_heads
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    if model_type == "gemma" and getattr(config, "hidden_activation", None) is None:
+        act = "gelu_pytorch_tanh"  # transformers' Gemma default when hidden_activation is unset
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    fields = dict(
+        model_type=model_type,
+        vocab_size=int(config.vocab_size),
+        hidden_size=int(config.hidden_size),
+        intermediate_size=int(config.intermediate_size),
+        num_layers=n_layers,
+        num_heads=n_heads,
+        num_kv_heads=int(kv),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(config.rms_norm_eps),
+        hidden_act=str(act),
+        rope=_rope_spec(config, int(head_dim)),
+        windows=_windows(config, model_type, n_layers),
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=False if model_type == "qwen2" else attention_bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        initializer_range=float(getattr(config, "initializer_range", 0.02)),
+    )
+    if model_type in ("gemma", "gemma2"):
+        fields.update(norm_offset=1.0, embed_scale=True)
+    if model_type == "gemma2":
+        fields.update(
+            sandwich_norms=True,
+            query_scale=float(config.query_pre_attn_scalar) ** -0.5,
+            attn_logit_softcap=getattr(config, "attn_logit_softcapping", None),
+            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+        )
+    fields.update(overrides)
+    return DecoderSpec(**fields)
