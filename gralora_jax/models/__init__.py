@@ -5,13 +5,21 @@ for the tree layout and numerics, ``causal_lm.py`` for the call convention,
 ``auto.py`` for loading checkpoints, ``generation.py`` for KV-cache decoding.
 """
 
+from gralora_jax.models.auto import MODEL_CLASSES, auto_model, from_pretrained
 from gralora_jax.models.causal_lm import CausalLM
 from gralora_jax.models.decoder import CausalLMOutput
 from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
 from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
-from gralora_jax.models.spec import DecoderSpec, spec_from_hf_config
+from gralora_jax.models.layout import stack_layer_params, unstack_layer_params
+from gralora_jax.models.spec import SUPPORTED_MODEL_TYPES, DecoderSpec, spec_from_hf_config
 
 __all__ = [
+    "MODEL_CLASSES",
+    "SUPPORTED_MODEL_TYPES",
+    "auto_model",
+    "from_pretrained",
+    "stack_layer_params",
+    "unstack_layer_params",
     "CausalLM",
     "CausalLMOutput",
     "DecoderSpec",

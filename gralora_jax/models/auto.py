@@ -1,0 +1,100 @@
+"""Pick the model class from a config's ``model_type``; load HF checkpoints into our models.
+
+>>> from transformers import Qwen2Config
+>>> type(auto_model(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+...     num_hidden_layers=1, intermediate_size=128, vocab_size=128))).__name__
+'Qwen2ForCausalLM'
+
+:func:`from_pretrained` reads ``config.json`` and the safetensors weights (single file or
+sharded, via :mod:`gralora_jax.loading`), maps them onto the unrolled parameter tree and,
+for ``scan_layers=True``, stacks the layers. Hub ids are downloaded by
+``gralora_jax.loading.resolve_source``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
+from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from gralora_jax.models.spec import SUPPORTED_MODEL_TYPES
+
+MODEL_CLASSES = {
+    "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "mistral": MistralForCausalLM,
+    "gemma": GemmaForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
+}
+assert set(MODEL_CLASSES) == set(SUPPORTED_MODEL_TYPES)
+
+
+def _load_config(config_or_dir: Any):
+    if isinstance(config_or_dir, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        path = os.fspath(config_or_dir)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"no config.json in {path!r}")
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    if isinstance(config_or_dir, dict):
+        from transformers import AutoConfig
+
+        d = dict(config_or_dir)
+        model_type = d.pop("model_type", None)
+        if model_type not in MODEL_CLASSES:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(MODEL_CLASSES)}")
+        return AutoConfig.for_model(model_type, **d)
+    return config_or_dir
+
+
+def auto_model(config_or_dir: Any, *, dtype=jnp.float32, param_dtype=None, **kwargs):
+    """Our model class for ``config.model_type`` (a transformers config, a config dict, or a checkpoint dir).
+
+    ``kwargs`` go to the class (``scan_layers``, ``remat_policy``, ``attn_implementation``,
+    ``attention_mask_mode``). Raises ``ValueError`` naming unsupported model types.
+    """
+    config = _load_config(config_or_dir)
+    model_type = getattr(config, "model_type", None)
+    cls = MODEL_CLASSES.get(model_type)
+    if cls is None:
+        raise ValueError(f"unsupported model_type {model_type!r}; gralora_jax.models supports {sorted(MODEL_CLASSES)}")
+    return cls(config, dtype=dtype, param_dtype=param_dtype or dtype, **kwargs)
+
+
+def from_pretrained(path_or_hub_id: Any, *, dtype=jnp.float32, param_dtype=None, strict: bool = True,
+                    revision=None, **kwargs):
+    """Load an HF checkpoint into our model -> ``(model, params)``; ``model.params`` is set too.
+
+    Floating weights are cast to ``param_dtype`` (default: ``dtype``). With tied
+    embeddings the model has no ``lm_head`` parameter; a checkpoint's ``lm_head.weight``
+    (if saved) is then ignored. ``kwargs`` as in :func:`auto_model`.
+    """
+    from gralora_jax.loading.convert import is_floating
+    from gralora_jax.loading.pretrained import load_params, resolve_source
+
+    from gralora_jax.models.layout import stack_layer_params
+
+    src = resolve_source(path_or_hub_id, revision)
+    param_dtype = param_dtype or dtype
+    scan = bool(kwargs.pop("scan_layers", False))
+    model = auto_model(src, dtype=dtype, param_dtype=param_dtype, **kwargs)
+    shapes = model.params_shape_tree
+    tie = bool(getattr(model.config, "tie_word_embeddings", False))
+    params = load_params(src, shapes, tie_word_embeddings=tie, strict=strict)
+
+    def cast(x):
+        x = np.asarray(x)
+        return jnp.asarray(x.astype(param_dtype) if is_floating(x) else x)
+
+    params = jax.tree_util.tree_map(cast, params)
+    if scan:
+        model = auto_model(model.config, dtype=dtype, param_dtype=param_dtype, scan_layers=True, **kwargs)
+        params = stack_layer_params(params)
+    model.params = params
+    return model, params
