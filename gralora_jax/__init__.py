@@ -1,6 +1,42 @@
-"""gralora-jax: GraLoRA (Granular Low-Rank Adaptation) for JAX/Flax, interchangeable with PEFT."""
+"""gralora-jax: GraLoRA (Granular Low-Rank Adaptation) for JAX/Flax, interchangeable with PEFT.
+
+>>> from gralora_jax import GraLoRAConfig, GraLoRADense
+>>> GraLoRAConfig(r=8, alpha=16, gralora_k=2).scaling
+2.0
+"""
 
 from gralora_jax import tree
+from gralora_jax.config import GraLoRAConfig, LoRAConfig, load_adapter_config
+from gralora_jax.layers import (
+    GraLoRADense,
+    LoRADense,
+    adapter_output,
+    delta_kernel,
+    init_gralora_adapter,
+    init_lora_adapter,
+    merge,
+    unmerge,
+)
+from gralora_jax.peft_io import load_adapter, save_adapter
+from gralora_jax.surgery import GraLoRAModel, add_adapters, get_gralora_model
 
-__all__ = ["tree"]
+__all__ = [
+    "GraLoRAConfig",
+    "GraLoRADense",
+    "GraLoRAModel",
+    "LoRAConfig",
+    "LoRADense",
+    "adapter_output",
+    "add_adapters",
+    "delta_kernel",
+    "get_gralora_model",
+    "init_gralora_adapter",
+    "init_lora_adapter",
+    "load_adapter",
+    "load_adapter_config",
+    "merge",
+    "save_adapter",
+    "tree",
+    "unmerge",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,322 @@
+"""Parameter-tree surgery: put GraLoRA (or LoRA) adapters into an unmodified Flax model.
+
+Two steps, neither of which edits the model's source:
+
+1. **Insert leaves.** Walk the model's params; every linear module (a dict with a 2-D
+   ``kernel``) whose dotted path matches the config's targets gets adapter leaves beside its
+   kernel::
+
+       before: model/layers/0/self_attn/q_proj/{kernel}
+       after:  model/layers/0/self_attn/q_proj/{kernel, gralora_A, gralora_B}
+
+2. **Route calls.** While the model runs, ``flax.linen.intercept_methods`` sees every
+   ``nn.Dense`` (and transformers' ``FlaxConv1D``) call; when the called module's own params
+   hold adapter leaves, the interceptor adds :func:`gralora_jax.layers.adapter_output` to the
+   base result. Which modules are adapted is therefore read from the tree itself, so the
+   tree stays the single source of truth (train masks, sharding and PEFT keys all derive from
+   the same paths).
+
+>>> # model = transformers.FlaxLlamaForCausalLM(...)
+>>> # gmodel = get_gralora_model(model, GraLoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))
+>>> # logits = gmodel(input_ids).logits ; gmodel.save_pretrained("out/adapter")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from gralora_jax import layers, peft_io
+from gralora_jax import tree as tree_lib
+from gralora_jax.config import AdapterConfig, GraLoRAConfig, LoRAConfig, check_layer_divisible
+from gralora_jax.targets import select_targets
+
+IN_OUT, OUT_IN = "in_out", "out_in"
+_CONV1D_CLASS_NAMES = ("FlaxConv1D",)  # transformers' GPT-2 projection: kernel stored [out, in]
+
+
+def _unfreeze(params) -> dict:
+    return tree_lib.unflatten(tree_lib.flatten(params))
+
+
+def _kernel_layouts(model, params) -> dict[str, str]:
+    """Module path -> kernel layout, found by tracing the model once with a recording interceptor."""
+    seen: dict[str, str] = {}
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name == "__call__" and (
+            isinstance(m, nn.Dense) or type(m).__name__ in _CONV1D_CLASS_NAMES
+        ):
+            seen["/".join(m.scope.path)] = OUT_IN if type(m).__name__ in _CONV1D_CLASS_NAMES else IN_OUT
+        return next_fun(*args, **kwargs)
+
+    try:
+        with nn.intercept_methods(record):
+            if hasattr(model, "init_weights") and hasattr(model, "input_shape"):
+                jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+            elif hasattr(model, "init_params"):
+                jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0)))
+    except Exception:  # tracing is only a hint; fall back to the kernel's shape below
+        pass
+    return seen
+
+
+def _linear_modules(params) -> dict[str, tuple[int, ...]]:
+    flat = tree_lib.flatten(params)
+    return {p[: -len("/kernel")]: tuple(np.shape(v)) for p, v in flat.items() if p.endswith("/kernel")}
+
+
+def _init_adapter(key, config: AdapterConfig, in_f: int, out_f: int, dtype) -> dict:
+    if isinstance(config, GraLoRAConfig):
+        check_layer_divisible(in_f, out_f, config.gralora_k)
+        return layers.init_gralora_adapter(
+            key, in_f, out_f, config.r, config.gralora_k, config.hybrid_r, dtype, config.init_weights
+        )
+    return layers.init_lora_adapter(key, in_f, out_f, config.r, dtype, config.init_lora_weights)
+
+
+def add_adapters(
+    params: Mapping[str, Any],
+    config: AdapterConfig,
+    rng: jax.Array,
+    *,
+    layouts: Optional[Mapping[str, str]] = None,
+    adapter_dtype=jnp.float32,
+) -> tuple[dict, list[str]]:
+    """Pure surgery: ``params`` with adapter leaves inserted beside each targeted kernel.
+
+    Returns ``(new_params, adapted module paths)``. ``layouts`` maps module path -> ``"in_out"``
+    (``nn.Dense``) or ``"out_in"`` (GPT-2's ``FlaxConv1D``); unknown paths are ``"in_out"``.
+    Errors: targets matching nothing (listing the module names that exist), a targeted module
+    that is not a linear layer, shapes not divisible by ``gralora_k``.
+    """
+    params = _unfreeze(params)
+    if any(tree_lib.is_adapter_path(p) for p in tree_lib.flatten(params)):
+        raise ValueError("params already hold adapter leaves; merge_and_unload() or strip them first")
+    linear = _linear_modules(params)
+    dotted = {p.replace("/", "."): p for p in linear}
+    # modules that are not linear (embeddings, norms) must be rejected when targeted explicitly
+    if isinstance(config.target_modules, (tuple, list)):
+        others = {p.rsplit("/", 1)[0] for p in tree_lib.flatten(params)} - set(linear)
+        for o in sorted(others):
+            od = o.replace("/", ".")
+            if any(od == t or od.endswith("." + t) for t in config.target_modules):
+                leaves = sorted(k for k in tree_lib.flatten(params) if k.startswith(o + "/"))
+                raise TypeError(
+                    f"target module {od!r} is not supported: only linear layers (nn.Dense, Conv1D) can be "
+                    f"adapted, and it holds {[l.rsplit('/', 1)[-1] for l in leaves]}"
+                )
+    chosen = select_targets(dotted, config.target_modules, config.layers_to_transform, config.layers_pattern)
+    keys = jax.random.split(rng, len(chosen))
+    flat = tree_lib.flatten(params)
+    adapted = []
+    for key, d in zip(keys, chosen):
+        path = dotted[d]
+        shape = linear[path]
+        if len(shape) != 2:
+            raise TypeError(f"target module {d!r} is not supported: kernel of rank {len(shape)} (only 2-D linear kernels)")
+        layout = (layouts or {}).get(path, IN_OUT)
+        in_f, out_f = shape if layout == IN_OUT else shape[::-1]
+        for name, v in _init_adapter(key, config, in_f, out_f, adapter_dtype).items():
+            flat[f"{path}/{name}"] = v
+        adapted.append(path)
+    return tree_lib.unflatten(flat), adapted
+
+
+def _interceptor(scaling: float, dropout_rate: float, train: bool) -> Callable:
+    def intercept(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        names = [n for n in tree_lib.ADAPTER_LEAVES if m.has_variable("params", n)]
+        if not names:
+            return next_fun(*args, **kwargs)
+        if not (isinstance(m, nn.Dense) or type(m).__name__ in _CONV1D_CLASS_NAMES):
+            raise TypeError(
+                f"module {'/'.join(m.scope.path)} of type {type(m).__name__} holds adapter leaves but only "
+                "nn.Dense and FlaxConv1D can be adapted"
+            )
+        y = next_fun(*args, **kwargs)
+        adapter = {n: m.get_variable("params", n) for n in names}
+        rng = None
+        if train and dropout_rate > 0.0:
+            if not m.has_rng("dropout"):
+                raise ValueError("adapter dropout is on and train=True, but no dropout_rng was given")
+            rng = m.make_rng("dropout")
+        x = args[0] if args else kwargs["inputs"]
+        delta = layers.adapter_output(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=rng)
+        return y + delta.astype(y.dtype)
+
+    return intercept
+
+
+class GraLoRAModel:
+    """A Flax model plus a params tree holding adapters; PEFT-like methods.
+
+    Construct with :func:`get_gralora_model` or :meth:`from_pretrained`.
+    """
+
+    def __init__(self, model, config: AdapterConfig, params: Mapping[str, Any], layouts: Mapping[str, str]):
+        self.model = model
+        self.config = config
+        self.params = params
+        self.layouts = dict(layouts)
+
+    # ------------------------------------------------------------------ running
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
+
+    @contextlib.contextmanager
+    def intercept(self, train: bool = False):
+        """Context in which the wrapped model's Dense calls add their adapters."""
+        with nn.intercept_methods(_interceptor(self.scaling, self.config.dropout, train)):
+            yield
+
+    def __call__(self, *args, params=None, dropout_rng=None, train: bool = False, **kwargs):
+        params = self.params if params is None else params
+        with self.intercept(train):
+            return self.model(*args, params=params, dropout_rng=dropout_rng, train=train, **kwargs)
+
+    def logits_fn(self, params, input_ids, attention_mask=None, *, dropout_rng=None, train: bool = False, **kw):
+        """Pure ``params, inputs -> logits``: jit it, differentiate it."""
+        return self(input_ids, attention_mask=attention_mask, params=params, dropout_rng=dropout_rng, train=train, **kw).logits
+
+    # ------------------------------------------------------------------ trees
+    @property
+    def adapted_modules(self) -> list[str]:
+        return tree_lib.adapted_modules(self.params)
+
+    def trainable_mask(self, full: bool = False, params=None) -> dict:
+        return tree_lib.trainable_mask(self.params if params is None else params, bias=self.config.bias, full=full)
+
+    def split_params(self, params=None) -> tuple[dict, dict]:
+        """``(trainable, frozen)`` by the config's bias rule."""
+        p = self.params if params is None else params
+        return tree_lib.split_trainable(p, self.trainable_mask(params=p))
+
+    @staticmethod
+    def combine_params(*trees) -> dict:
+        return tree_lib.combine(*trees)
+
+    def num_parameters(self, params=None) -> tuple[int, int]:
+        p = self.params if params is None else params
+        mask = tree_lib.flatten(self.trainable_mask(params=p))
+        flat = tree_lib.flatten(p)
+        total = sum(int(np.prod(np.shape(v))) for v in flat.values())
+        train = sum(int(np.prod(np.shape(v))) for k, v in flat.items() if mask[k])
+        return train, total
+
+    def print_trainable_parameters(self) -> str:
+        t, a = self.num_parameters()
+        line = f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}"
+        print(line)
+        return line
+
+    # ------------------------------------------------------------------ merging
+    def merged_params(self, params=None) -> dict:
+        """Base-model params with every adapter's delta added to its kernel; adapter leaves removed."""
+        p = tree_lib.flatten(self.params if params is None else params)
+        out = {k: v for k, v in p.items() if not tree_lib.is_adapter_path(k)}
+        for module in tree_lib.adapted_modules(self.params if params is None else params):
+            layer = {k.rsplit("/", 1)[1]: v for k, v in p.items() if k.rsplit("/", 1)[0] == module}
+            merged = layers.merge(layer, self.scaling, self.layouts.get(module, IN_OUT))
+            out[module + "/kernel"] = merged["kernel"]
+        return tree_lib.unflatten(out)
+
+    def merge_and_unload(self, params=None) -> dict:
+        """PEFT's name: params for the original model class (and its ``save_pretrained``)."""
+        return self.merged_params(params)
+
+    # ------------------------------------------------------------------ PEFT files
+    def _config_overrides(self) -> dict:
+        over = {}
+        if any(l == OUT_IN for m, l in self.layouts.items() if m in set(self.adapted_modules)):
+            over["fan_in_fan_out"] = True
+        name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        if name and not self.config.base_model_name_or_path:
+            over["base_model_name_or_path"] = name
+        return over
+
+    def adapter_params(self, params=None) -> dict:
+        """What a PEFT adapter file holds: adapter leaves (+ biases when ``bias`` trains them)."""
+        p = self.params if params is None else params
+        if self.config.bias == "none":
+            return tree_lib.split_adapters(p)[0]
+        return self.split_params(p)[0]
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], params=None) -> None:
+        """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        peft_io.save_adapter(directory, self.config, self.adapter_params(params), config_overrides=self._config_overrides())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model,
+        directory: Union[str, os.PathLike],
+        *,
+        params=None,
+        authors_convention: bool = False,
+        adapter_dtype=jnp.float32,
+    ) -> "GraLoRAModel":
+        """Load a PEFT GraLoRA (or LoRA) adapter onto ``model``.
+
+        Refuses, before changing anything, an adapter whose target modules or tensor shapes do
+        not fit the model. ``authors_convention=True`` reads adapters saved by the paper
+        authors' code (whose ``r`` includes ``hybrid_r``).
+        """
+        config, loaded = peft_io.load_adapter(directory, authors_convention=authors_convention)
+        gm = get_gralora_model(model, config, params=params, rng=jax.random.PRNGKey(0), adapter_dtype=adapter_dtype)
+        want = tree_lib.flatten(gm.adapter_params())
+        got = tree_lib.flatten(loaded)
+        missing = sorted(set(want) - set(got))
+        unexpected = sorted(set(got) - set(want))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter in {directory} does not fit the model: "
+                f"missing {[peft_io.adapter_key(k) for k in missing][:10]}{' ...' if len(missing) > 10 else ''}, "
+                f"unexpected {[peft_io.adapter_key(k) for k in unexpected][:10]}{' ...' if len(unexpected) > 10 else ''}"
+            )
+        bad = [(peft_io.adapter_key(k), np.shape(got[k]), np.shape(want[k])) for k in want if np.shape(got[k]) != np.shape(want[k])]
+        if bad:
+            raise ValueError(
+                f"adapter in {directory} does not fit the model (key, file shape, model shape): {bad[:10]}"
+            )
+        flat = tree_lib.flatten(gm.params)
+        for k, v in got.items():
+            flat[k] = jnp.asarray(v, dtype=want[k].dtype if tree_lib.is_adapter_path(k) else flat[k].dtype)
+        gm.params = tree_lib.unflatten(flat)
+        return gm
+
+
+def get_gralora_model(
+    model,
+    config: AdapterConfig,
+    *,
+    params=None,
+    rng: Optional[jax.Array] = None,
+    adapter_dtype=jnp.float32,
+) -> GraLoRAModel:
+    """PEFT's ``get_peft_model`` for Flax: insert adapters, return a :class:`GraLoRAModel`.
+
+    ``model`` is a transformers Flax model (Llama, Mistral, Gemma, GPT-2, BERT, RoBERTa, T5, ...)
+    or one of :mod:`gralora_jax.models`; ``params`` defaults to ``model.params``.
+    """
+    if not isinstance(config, (GraLoRAConfig, LoRAConfig)):
+        raise TypeError(f"config must be a GraLoRAConfig or LoRAConfig, got {type(config).__name__}")
+    if params is None:
+        params = getattr(model, "params", None)
+        if params is None:
+            raise ValueError("the model holds no params (built with _do_init=False?): pass params=...")
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    layouts = _kernel_layouts(model, params)
+    new, _ = add_adapters(params, config, jax.random.PRNGKey(0) if rng is None else rng, layouts=layouts, adapter_dtype=adapter_dtype)
+    return GraLoRAModel(model, config, new, layouts)
