@@ -8,7 +8,16 @@ Sub-modules, one job each:
 * :mod:`.gguf_io` -- llama.cpp GGUF (Llama family) -> HF config, state dict, tokenizer.
 """
 
-from gralora_jax.loading.convert import flax_to_torch_state_dict, torch_to_flax_params
+from gralora_jax.loading.convert import flax_to_torch_state_dict, match_flax_params, torch_to_flax_params
+from gralora_jax.loading.pretrained import (
+    build_model,
+    load_config,
+    load_params,
+    load_pretrained,
+    load_tokenizer,
+    param_shapes,
+    read_flax_msgpack,
+)
 from gralora_jax.loading.safetensors_io import (
     SafetensorsError,
     read_metadata,
@@ -20,7 +29,15 @@ from gralora_jax.loading.safetensors_io import (
 
 __all__ = [
     "SafetensorsError",
+    "build_model",
     "flax_to_torch_state_dict",
+    "load_config",
+    "load_params",
+    "load_pretrained",
+    "load_tokenizer",
+    "match_flax_params",
+    "param_shapes",
+    "read_flax_msgpack",
     "read_metadata",
     "read_safetensors",
     "read_safetensors_file",

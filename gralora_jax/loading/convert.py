@@ -178,7 +178,8 @@ def torch_to_flax_params(
     for k in keys:
         path = mapping[k]
         if path is None:
-            if not any(re.search(pat, k) for pat in IGNORABLE_UNEXPECTED):
+            tied_extra = tie_word_embeddings and k.split(".")[-2:] in (["lm_head", "weight"],)
+            if not tied_extra and not any(re.search(pat, k) for pat in IGNORABLE_UNEXPECTED):
                 unexpected.append(k)
             continue
         if path in out:
@@ -188,12 +189,23 @@ def torch_to_flax_params(
             x = x.astype(dtype)
         out[path] = x
 
+    _fill_tied(out, flat_t, tie_word_embeddings)
     missing = [p for p in flat_t if p not in out]
-    if missing and tie_word_embeddings is not False:
-        for head, emb in TIED_HEADS:
-            if head in missing and emb in out and flat_t[head] == out[emb].T.shape:
-                out[head] = out[emb].T
-                missing.remove(head)
+    _check(missing, unexpected, strict)
+    tree = unflatten({p: out[p] for p in flat_t if p in out})
+    return {"params": tree} if wrapped else tree
+
+
+def _fill_tied(out: dict, flat_t: Mapping[str, tuple], tie: bool | None) -> None:
+    """Materialise a missing head kernel as the embedding's transpose (tied embeddings)."""
+    if tie is False:
+        return
+    for head, emb in TIED_HEADS:
+        if head in flat_t and head not in out and emb in out and flat_t[head] == out[emb].T.shape:
+            out[head] = out[emb].T
+
+
+def _check(missing: list, unexpected: list, strict: bool) -> None:
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -201,6 +213,43 @@ def torch_to_flax_params(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (in the checkpoint, not in the model): {unexpected[:20]}")
         raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
+
+
+def match_flax_params(
+    params: Mapping, target_shapes: Mapping, *, dtype=None, strict: bool = True, tie_word_embeddings: bool | None = None
+) -> dict:
+    """Check a Flax tree (e.g. from ``flax_model.msgpack``) against ``target_shapes``.
+
+    Same contract as :func:`torch_to_flax_params` (shape errors name the path and
+    both shapes; missing/unexpected listed when strict; tied head materialised),
+    but paths are matched as they are, with the same prefix search (a headless
+    ``layers/...`` tree into a ``model/layers/...`` target and the reverse).
+    """
+    target, wrapped = _unwrap(target_shapes)
+    src, _ = _unwrap(params)
+    flat_t = {p: _shape(v) for p, v in flatten(target).items()}
+    flat_s = flatten(src)
+    best = None
+    for _, fn in _prefix_transforms([k.replace("/", ".") for k in flat_s], flat_t):
+        mapping = {k: fn(k.replace("/", ".")).replace(".", "/") for k in flat_s}
+        mapping = {k: (v if v in flat_t else None) for k, v in mapping.items()}
+        score = sum(v is not None for v in mapping.values())
+        if best is None or score > best[0]:
+            best = (score, mapping)
+    mapping = best[1]
+    out: dict[str, np.ndarray] = {}
+    unexpected = []
+    for k, x in flat_s.items():
+        path = mapping[k]
+        if path is None:
+            unexpected.append(k)
+            continue
+        x = np.asarray(x)
+        if x.shape != flat_t[path]:
+            raise ValueError(f"shape mismatch for {path!r}: checkpoint has {x.shape}, model expects {flat_t[path]}")
+        out[path] = x.astype(dtype) if dtype is not None and is_floating(x) else x
+    _fill_tied(out, flat_t, tie_word_embeddings)
+    _check([p for p in flat_t if p not in out], unexpected, strict)
     tree = unflatten({p: out[p] for p in flat_t if p in out})
     return {"params": tree} if wrapped else tree
 

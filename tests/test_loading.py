@@ -1,0 +1,282 @@
+"""Base-checkpoint loading: safetensors I/O, torch<->flax mapping, load_pretrained, GGUF.
+
+Every numerical check compares against an independent computation: the PyTorch
+model that wrote the checkpoint (transformers), the safetensors library's own
+reader, or PEFT golden logits in tests/data.
+"""
+
+import json
+import os
+import struct
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import jax  # noqa: E402
+import transformers  # noqa: E402
+
+from gralora_jax.loading import (  # noqa: E402
+    SafetensorsError,
+    flax_to_torch_state_dict,
+    load_pretrained,
+    read_safetensors,
+    torch_to_flax_params,
+    write_safetensors,
+    write_sharded_safetensors,
+)
+
+warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
+
+
+def _llama_config(tied=False, **kw):
+    return transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=tied,
+        **kw,
+    )
+
+
+def _torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.RandomState(0).randint(0, 96, (2, 7))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def torch_llama(request, tmp_path_factory):
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(_llama_config(tied=request.param)).eval()
+    single = tmp_path_factory.mktemp("llama_single")
+    model.save_pretrained(single)
+    sharded = tmp_path_factory.mktemp("llama_sharded")
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    return model, single, sharded
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+def test_sharded_save_really_sharded(torch_llama):
+    _, _, sharded = torch_llama
+    assert os.path.isfile(sharded / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(sharded) if f.endswith(".safetensors")]) > 1
+
+
+@pytest.mark.parametrize("which", ["file", "dir", "sharded"])
+def test_read_matches_torch_state_dict(torch_llama, which):
+    model, single, sharded = torch_llama
+    src = {"file": single / "model.safetensors", "dir": single, "sharded": sharded}[which]
+    sd = read_safetensors(src)
+    ref = {k: v.numpy() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        ref.pop("lm_head.weight")  # transformers drops the shared tensor when saving
+    assert set(sd) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(sd[k], ref[k], err_msg=k)
+
+
+def test_bf16_read_and_write_roundtrip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    t = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(4, dtype=torch.int64)}
+    save_file(t, tmp_path / "t.safetensors")
+    got = read_safetensors(tmp_path / "t.safetensors")
+    assert got["a"].dtype == ml_dtypes.bfloat16 and got["b"].dtype == np.int64
+    np.testing.assert_array_equal(got["a"].astype(np.float32), t["a"].float().numpy())
+    # our writer -> the reference reader
+    write_safetensors(got, tmp_path / "ours.safetensors", metadata={"format": "pt", "x": "y"})
+    back = load_file(tmp_path / "ours.safetensors")
+    assert back["a"].dtype == torch.bfloat16
+    assert torch.equal(back["a"], t["a"]) and torch.equal(back["b"], t["b"])
+
+
+def test_sharded_writer_roundtrip_and_reference_reader(tmp_path):
+    from safetensors.numpy import load_file
+
+    rng = np.random.RandomState(0)
+    sd = {f"w{i}": rng.randn(8, 8).astype(np.float32) for i in range(5)}
+    names = write_sharded_safetensors(sd, tmp_path, max_shard_bytes=600)
+    assert len(names) == 3  # 256-byte tensors, two per 600-byte shard
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 256
+    got = read_safetensors(tmp_path)
+    for k in sd:
+        np.testing.assert_array_equal(got[k], sd[k])
+        np.testing.assert_array_equal(load_file(tmp_path / index["weight_map"][k])[k], sd[k])
+
+
+def test_missing_shard_is_named(tmp_path):
+    sd = {f"w{i}": np.ones((8, 8), np.float32) for i in range(3)}
+    names = write_sharded_safetensors(sd, tmp_path, max_shard_bytes=300)
+    os.remove(tmp_path / names[1])
+    with pytest.raises(FileNotFoundError, match=names[1]):
+        read_safetensors(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"\x01", struct.pack("<Q", 10**6) + b"{}", struct.pack("<Q", 4) + b"nope",
+     struct.pack("<Q", 2) + b"[]",
+     struct.pack("<Q", 56) + b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}' + b"\0" * 8],
+    ids=["short", "header_too_long", "not_json", "not_object", "data_truncated"],
+)
+def test_corrupt_header(tmp_path, payload):
+    f = tmp_path / "bad.safetensors"
+    f.write_bytes(payload)
+    with pytest.raises(SafetensorsError, match="corrupt"):
+        read_safetensors(f)
+
+
+def test_no_checkpoint_in_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        read_safetensors(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ torch -> flax
+@pytest.mark.parametrize("which", ["single", "sharded"])
+def test_flax_llama_logits_match_torch(torch_llama, ids, which):
+    model, single, sharded = torch_llama
+    fm = transformers.FlaxLlamaForCausalLM(model.config, _do_init=False)
+    params = torch_to_flax_params(read_safetensors(single if which == "single" else sharded), fm.params_shape_tree)
+    np.testing.assert_allclose(np.asarray(fm(ids, params=params).logits), _torch_logits(model, ids), atol=1e-4)
+    if model.config.tie_word_embeddings:  # lm_head materialised from the embedding
+        np.testing.assert_array_equal(params["lm_head"]["kernel"], params["model"]["embed_tokens"]["embedding"].T)
+
+
+def test_load_pretrained_matches_torch_and_roundtrips(torch_llama, ids, tmp_path):
+    model, _, sharded = torch_llama
+    fmodel, params = load_pretrained(sharded, use_ours=False)
+    assert isinstance(fmodel, transformers.FlaxLlamaForCausalLM)
+    assert isinstance(params["model"]["norm"]["weight"], jax.Array)
+    np.testing.assert_allclose(np.asarray(fmodel(ids, params=params).logits), _torch_logits(model, ids), atol=1e-4)
+    # flax -> torch state dict -> transformers PyTorch model gives the same logits
+    drop = ["lm_head/kernel"] if model.config.tie_word_embeddings else []
+    sd = flax_to_torch_state_dict(params, drop=drop)
+    write_safetensors(sd, tmp_path / "model.safetensors")
+    model.config.save_pretrained(tmp_path)
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    np.testing.assert_allclose(_torch_logits(back, ids), _torch_logits(model, ids), atol=1e-6)
+
+
+def test_load_pretrained_bf16_checkpoint(ids, tmp_path):
+    torch.manual_seed(2)
+    model = transformers.LlamaForCausalLM(_llama_config()).eval().to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    fm, params = load_pretrained(tmp_path, use_ours=False, param_dtype=np.float32)
+    assert params["model"]["norm"]["weight"].dtype == np.float32
+    ref = _torch_logits(model.float(), ids)  # the same bf16-representable weights, computed in f32
+    np.testing.assert_allclose(np.asarray(fm(ids, params=params).logits), ref, atol=1e-4)
+    _, p16 = load_pretrained(tmp_path, use_ours=False, dtype=jax.numpy.bfloat16)
+    assert p16["model"]["norm"]["weight"].dtype == jax.numpy.bfloat16
+
+
+def test_golden_base_model(data_dir):
+    golden = np.load(data_dir / "model_tiny_llama_r8_k2_h0.npz")
+    fm, params = load_pretrained(data_dir / "model_tiny_llama_r8_k2_h0" / "base", use_ours=False)
+    logits = fm(golden["input_ids"], attention_mask=golden["attention_mask"], params=params).logits
+    np.testing.assert_allclose(np.asarray(logits), golden["logits_base"], atol=1e-4, rtol=1e-4)
+
+
+def test_flax_msgpack_is_preferred_and_loads(torch_llama, ids, tmp_path):
+    from flax.serialization import msgpack_serialize
+
+    model, single, _ = torch_llama
+    fm = transformers.FlaxLlamaForCausalLM(model.config, _do_init=False)
+    params = torch_to_flax_params(read_safetensors(single), fm.params_shape_tree)
+    if model.config.tie_word_embeddings:
+        params.pop("lm_head")  # a tied Flax checkpoint without the head still loads
+    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(jax.tree_util.tree_map(np.asarray, params)))
+    model.config.save_pretrained(tmp_path)
+    # a broken safetensors file beside it proves the msgpack is read first
+    (tmp_path / "model.safetensors").write_bytes(b"\x01")
+    fmodel, loaded = load_pretrained(tmp_path, use_ours=False)
+    np.testing.assert_allclose(np.asarray(fmodel(ids, params=loaded).logits), _torch_logits(model, ids), atol=1e-4)
+
+
+def test_gpt2_roundtrip(ids, tmp_path):
+    torch.manual_seed(3)
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    fmodel, params = load_pretrained(tmp_path)
+    assert isinstance(fmodel, transformers.FlaxGPT2LMHeadModel)
+    np.testing.assert_allclose(np.asarray(fmodel(ids, params=params).logits), _torch_logits(model, ids), atol=1e-4)
+    # back to torch: Conv1D weights are [in, out]; a square c_proj checks the transpose rule
+    sd = flax_to_torch_state_dict(params)
+    ref = model.state_dict()
+    for k, v in sd.items():
+        np.testing.assert_array_equal(v, ref[k].numpy(), err_msg=k)
+
+
+def test_bert_sequence_classification(tmp_path):
+    torch.manual_seed(4)
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path)
+    fmodel, params = load_pretrained(tmp_path)
+    assert isinstance(fmodel, transformers.FlaxBertForSequenceClassification)
+    x = np.random.RandomState(5).randint(0, 96, (2, 9))
+    with torch.no_grad():
+        ref = model(torch.tensor(x)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(fmodel(x, params=params).logits), ref, atol=1e-4)
+
+
+def test_prefix_difference_headless_checkpoint():
+    # a LlamaModel checkpoint (no "model." prefix) into a Flax model with one, and the reverse
+    torch.manual_seed(6)
+    base = transformers.LlamaModel(_llama_config())
+    sd = {k: v.numpy() for k, v in base.state_dict().items()}
+    headless = transformers.FlaxLlamaModel(base.config, _do_init=False).params_shape_tree
+    p = torch_to_flax_params(sd, headless)
+    np.testing.assert_array_equal(p["norm"]["weight"], sd["norm.weight"])
+    prefixed = {"model." + k: v for k, v in sd.items()}
+    p2 = torch_to_flax_params(prefixed, headless)
+    np.testing.assert_array_equal(p2["layers"]["0"]["self_attn"]["q_proj"]["kernel"], sd["layers.0.self_attn.q_proj.weight"].T)
+
+
+def _tiny_target():
+    f = np.float32
+    return {"model": {"proj": {"kernel": jax.ShapeDtypeStruct((2, 3), f)}, "norm": {"weight": jax.ShapeDtypeStruct((2,), f)}}}
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    sd = {"model.proj.weight": np.zeros((3, 2), np.float32), "model.extra.weight": np.zeros(2, np.float32)}
+    with pytest.raises(ValueError, match=r"missing.*model/norm/weight.*unexpected.*model\.extra\.weight"):
+        torch_to_flax_params(sd, _tiny_target())
+    p = torch_to_flax_params(sd, _tiny_target(), strict=False)
+    assert "norm" not in p["model"] and p["model"]["proj"]["kernel"].shape == (2, 3)
+
+
+def test_shape_mismatch_names_key_and_shapes():
+    sd = {"model.proj.weight": np.zeros((4, 2), np.float32), "model.norm.weight": np.zeros(2, np.float32)}
+    with pytest.raises(ValueError, match=r"model\.proj\.weight.*\(4, 2\).*\(2, 3\)"):
+        torch_to_flax_params(sd, _tiny_target())
+
+
+def test_dtype_cast_and_ignored_buffers():
+    sd = {"model.proj.weight": np.ones((3, 2), ml_dtypes.bfloat16), "model.norm.weight": np.ones(2, np.float32),
+          "model.rotary_emb.inv_freq": np.ones(4, np.float32)}
+    p = torch_to_flax_params(sd, {"params": _tiny_target()}, dtype=np.float32)
+    assert p["params"]["model"]["proj"]["kernel"].dtype == np.float32
+
+
+def test_flax_to_torch_refuses_adapters():
+    with pytest.raises(ValueError, match="merge"):
+        flax_to_torch_state_dict({"q": {"kernel": np.zeros((2, 2)), "gralora_A": np.zeros((1, 2, 2))}})
+
+
+def test_rope_theta_warning(tmp_path):
+    torch.manual_seed(7)
+    transformers.LlamaForCausalLM(_llama_config()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_theta"] = 100000.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="rope_theta"):
+        load_pretrained(tmp_path, use_ours=False)
