@@ -302,8 +302,9 @@ def _plan(args: argparse.Namespace) -> list[list[str]]:
 # ----------------------------------------------------------------------------- running
 
 
-def require_programs(commands: Sequence[Sequence[str]], which: Callable[[str], str | None] = shutil.which) -> None:
+def require_programs(commands: Sequence[Sequence[str]], which: Callable[[str], str | None] | None = None) -> None:
     """Raise a clear error when a program the commands need (gcloud, git) is not on PATH."""
+    which = which or shutil.which  # looked up at call time (tests replace shutil.which)
     for program in dict.fromkeys(c[0] for c in commands):
         if which(program) is None:
             hint = (
