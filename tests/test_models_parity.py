@@ -1,0 +1,200 @@
+"""Our flax decoders vs transformers' PyTorch models: same weights, same logits (float32, 1e-4).
+
+Each case builds a tiny random PyTorch model (hidden 64, 2 layers, 4 heads / 2 kv heads,
+vocab 128), perturbs every parameter (norm weights and biases included, so a missing
+bias or a wrong norm offset shows), converts its state dict onto our parameter tree and
+compares logits at the real tokens of a batch with right padding (row 0) and left
+padding (row 1).
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from gralora_jax.loading import torch_to_flax_params  # noqa: E402
+from gralora_jax.models import auto_model, from_pretrained, stack_layer_params  # noqa: E402
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+SEQ = 12
+
+CASES = {
+    "llama_default": ("LlamaConfig", dict(rope_theta=10000.0)),
+    "llama3_scaling_tied": ("LlamaConfig", dict(
+        rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32))),
+    "llama_linear": ("LlamaConfig", dict(rope_scaling=dict(type="linear", factor=2.0))),
+    "llama_dynamic": ("LlamaConfig", dict(max_position_embeddings=8, rope_scaling=dict(type="dynamic", factor=2.0))),
+    "llama_bias_partial": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, head_dim=24)),
+    "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    "mistral_window": ("MistralConfig", dict(sliding_window=4)),
+    "gemma": ("GemmaConfig", dict(head_dim=16, hidden_activation="gelu_pytorch_tanh")),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+}
+
+
+def make_torch_model(cls_name, extra, seed=0):
+    cfg = getattr(transformers, cls_name)(**{**SMALL, **extra})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
+    tm = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in tm.named_parameters():
+            if "norm" in name:
+                p.copy_(p + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(p + 0.05 * torch.randn_like(p))
+    return cfg, tm
+
+
+def to_flax(tm, model):
+    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    tie = bool(getattr(model.config, "tie_word_embeddings", False))
+    params = torch_to_flax_params(sd, model.params_shape_tree, tie_word_embeddings=tie)
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def batch(vocab=128, seed=1):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(2, SEQ))
+    mask = np.ones((2, SEQ), np.int64)
+    mask[0, -2:] = 0  # right padding
+    mask[1, :3] = 0  # left padding
+    pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    return ids, mask, pos
+
+
+def torch_logits(tm, ids, mask, pos):
+    with torch.no_grad():
+        out = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+    return out.logits.float().numpy()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+    cls_name, extra = CASES[request.param]
+    cfg, tm = make_torch_model(cls_name, extra)
+    model = auto_model(cfg)
+    params = to_flax(tm, model)
+    ids, mask, pos = batch()
+    return request.param, cfg, tm, model, params, ids, mask, pos
+
+
+def test_logits_match_torch(case):
+    name, cfg, tm, model, params, ids, mask, pos = case
+    want = torch_logits(tm, ids, mask, pos)
+    got = np.asarray(jax.jit(model.apply)(params, ids, mask).logits)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_tree_names_follow_hf_flax(case):
+    name, cfg, tm, model, params, *_ = case
+    layer = params["model"]["layers"]["0"]
+    assert set(layer["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(layer["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
+    assert "embedding" in params["model"]["embed_tokens"] and "weight" in params["model"]["norm"]
+    assert ("lm_head" in params) == (not cfg.tie_word_embeddings)
+    if name == "qwen2":
+        assert {"kernel", "bias"} == set(layer["self_attn"]["q_proj"])
+        assert {"kernel"} == set(layer["self_attn"]["o_proj"])
+
+
+def test_transformers_flax_llama_ignores_rope_theta():
+    """Why this package exists: transformers' Flax Llama ignores rope_theta (if this fails, the quirk is fixed)."""
+    cls_name, extra = CASES["qwen2"]
+    cfg = transformers.LlamaConfig(**{**SMALL, "rope_theta": 500000.0})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    tm = transformers.LlamaForCausalLM(cfg).eval()
+    fm = transformers.FlaxLlamaForCausalLM(cfg, _do_init=False)
+    ours = auto_model(cfg)
+    params = to_flax(tm, ours)
+    ids = np.random.default_rng(0).integers(0, 128, size=(1, SEQ))
+    want = torch_logits(tm, ids, np.ones_like(ids), np.arange(SEQ)[None])
+    theirs = np.asarray(fm(ids, params=params).logits)
+    np.testing.assert_allclose(np.asarray(ours(ids, params=params).logits), want, atol=1e-4, rtol=1e-4)
+    assert np.abs(theirs - want).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def llama():
+    cfg, tm = make_torch_model("LlamaConfig", dict(rope_theta=500000.0))
+    model = auto_model(cfg)
+    return cfg, tm, model, to_flax(tm, model)
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full", "dots_saveable"])
+def test_scan_and_remat_match_unrolled(llama, remat_policy):
+    cfg, tm, model, params = llama
+    ids, mask, _ = batch()
+    ref = model.apply(params, ids, mask).logits
+    scanned = auto_model(cfg, scan_layers=True, remat_policy=remat_policy)
+    sparams = stack_layer_params(params)
+    assert sparams["model"]["layers"]["scan"]["self_attn"]["q_proj"]["kernel"].shape == (2, 64, 64)
+    assert jax.tree_util.tree_structure(sparams) == jax.tree_util.tree_structure(scanned.params_shape_tree)
+    np.testing.assert_allclose(np.asarray(scanned.apply(sparams, ids, mask).logits), np.asarray(ref), atol=1e-5)
+    # gradients agree too (remat only changes what is saved)
+    unrolled_remat = auto_model(cfg, remat_policy=remat_policy)
+
+    def loss(m, p):
+        return jnp.mean(m.apply(p, ids, mask).logits ** 2)
+
+    g_ref = jax.grad(lambda p: loss(model, p))(params)
+    g_remat = jax.grad(lambda p: loss(unrolled_remat, p))(params)
+    g_scan = jax.grad(lambda p: loss(scanned, p))(sparams)
+    k = lambda g: np.asarray(g["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"])  # noqa: E731
+    np.testing.assert_allclose(k(g_remat), k(g_ref), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_scan["model"]["layers"]["scan"]["mlp"]["down_proj"]["kernel"][1]),
+                               k(g_ref), atol=1e-6)
+
+
+def test_lengths_mode_right_padding(llama):
+    cfg, tm, model, params = llama
+    ids, mask, pos = batch()
+    mask[1] = 1
+    mask[1, -5:] = 0  # both rows right padded
+    lengths_model = auto_model(cfg, attention_mask_mode="lengths")
+    got = np.asarray(lengths_model.apply(params, ids, mask).logits)
+    want = torch_logits(tm, ids, mask, np.maximum(np.cumsum(mask, -1) - 1, 0))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_hidden_states_and_no_logits(llama):
+    cfg, tm, model, params = llama
+    ids, mask, pos = batch()
+    out = model(ids, mask, params=params, output_hidden_states=True)
+    with torch.no_grad():
+        t = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+               output_hidden_states=True)
+    assert len(out.hidden_states) == len(t.hidden_states) == 3
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(out.hidden_states[1])[valid], t.hidden_states[1].numpy()[valid], atol=1e-4)
+    # final normed hidden @ lm_head == logits
+    h = model(ids, mask, params=params, compute_logits=False)
+    assert h.logits is None
+    np.testing.assert_allclose(np.asarray(h.last_hidden_state @ model.lm_head_kernel(params)), np.asarray(out.logits),
+                               atol=1e-4)
+
+
+def test_golden_tiny_llama_from_pretrained(data_dir):
+    model, params = from_pretrained(data_dir / "model_tiny_llama_r8_k2_h0" / "base")
+    gold = np.load(data_dir / "model_tiny_llama_r8_k2_h0.npz")
+    logits = model(gold["input_ids"], gold["attention_mask"], params=params).logits
+    np.testing.assert_allclose(np.asarray(logits), gold["logits_base"], atol=1e-4, rtol=1e-4)
+
+
+def test_auto_model_rejects_unknown_type():
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        auto_model(transformers.GPT2Config())
