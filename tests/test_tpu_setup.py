@@ -143,10 +143,12 @@ def test_create_tpu_vm():
 def test_create_all_options():
     target = C.Target("pod", "us-east5-a", project="proj")
     opts = C.CreateOptions("v5p-32", version="my-runtime", spot=True, network="net", subnetwork="sub",
-                           description="a run")
+                           description="a run", service_account="sa@p.iam.gserviceaccount.com",
+                           scopes="cloud-platform")
     [cmd] = C.create_commands(target, opts)
     assert cmd == [*TPU_VM, "create", "pod", "--zone=us-east5-a", "--project=proj", "--accelerator-type=v5p-32",
-                   "--version=my-runtime", "--spot", "--network=net", "--subnetwork=sub", "--description=a run"]
+                   "--version=my-runtime", "--spot", "--network=net", "--subnetwork=sub", "--description=a run",
+                   "--service-account=sa@p.iam.gserviceaccount.com", "--scopes=cloud-platform"]
     [cmd] = C.create_commands(TARGET, C.CreateOptions("v4-8", preemptible=True))
     assert cmd[-1] == "--preemptible" and "--spot" not in cmd
 
@@ -329,8 +331,14 @@ def _printed(out):
     [
         (["create", "--accelerator-type", "v4-32", "--spot"],
          C.create_commands(TARGET, C.CreateOptions("v4-32", spot=True))),
-        (["create", "--accelerator-type", "v4-32", "--queued", "--subnetwork", "s"],
-         C.create_commands(TARGET, C.CreateOptions("v4-32", queued=True, subnetwork="s"))),
+        (["create", "--accelerator-type", "v4-32", "--queued", "--subnetwork", "s", "--scopes", "cloud-platform"],
+         C.create_commands(TARGET, C.CreateOptions("v4-32", queued=True, subnetwork="s", scopes="cloud-platform"))),
+        (["create", "--accelerator-type", "v4-8", "--preemptible", "--network", "n", "--version", "v",
+          "--description", "d", "--service-account", "sa"],
+         C.create_commands(TARGET, C.CreateOptions("v4-8", preemptible=True, network="n", version="v",
+                                                   description="d", service_account="sa"))),
+        (["create", "--accelerator-type", "v4-8", "--queued", "--spot", "--valid-until-duration", "2h"],
+         C.create_commands(TARGET, C.CreateOptions("v4-8", queued=True, spot=True, valid_until_duration="2h"))),
         (["setup", "--git-url", "https://g/x.git", "--extra", "tensorboardX"],
          C.setup_commands(TARGET, C.SetupOptions(git_url="https://g/x.git", extra_packages=("tensorboardX",)))),
         (["sync", "--repo", "/r", "--archive", "/tmp/a.tar.gz"],

@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subnetwork", help="subnetwork")
     p.add_argument("--valid-until-duration", help="with --queued: give up if not granted within e.g. 6h")
     p.add_argument("--description", help="free-text description")
+    p.add_argument("--service-account", help="service account for the workers (default: Compute Engine default)")
+    p.add_argument("--scopes", help="OAuth scopes for it, comma-separated, e.g. cloud-platform")
 
     p = sub.add_parser("setup", parents=[target], help="install jax[tpu] and this project on every worker")
     p.add_argument("--git-url", help="clone the code from this URL (default: use the code `sync` copied)")
@@ -245,6 +247,8 @@ def _plan(args: argparse.Namespace) -> list[list[str]]:
             subnetwork=args.subnetwork,
             valid_until_duration=args.valid_until_duration,
             description=args.description,
+            service_account=args.service_account,
+            scopes=args.scopes,
         )
         return C.create_commands(_target(args, queued=args.queued), opts)
     if action == "setup":

@@ -106,6 +106,8 @@ class CreateOptions:
     subnetwork: str | None = None  # subnetwork of that network
     valid_until_duration: str | None = None  # queued only: give up if not granted in time, e.g. "6h"
     description: str | None = None  # free text shown by `describe`
+    service_account: str | None = None  # the workers' identity (needs access to your gs:// bucket)
+    scopes: str | None = None  # OAuth scopes for that account, e.g. "cloud-platform"
 
     def __post_init__(self):
         parse_accelerator(self.accelerator_type)  # fail early on a malformed type
@@ -147,6 +149,10 @@ def create_commands(target: Target, opts: CreateOptions) -> list[list[str]]:
         cmd.append(f"--valid-until-duration={opts.valid_until_duration}")
     if opts.description:
         cmd.append(f"--description={opts.description}")
+    if opts.service_account:
+        cmd.append(f"--service-account={opts.service_account}")
+    if opts.scopes:
+        cmd.append(f"--scopes={opts.scopes}")
     return [cmd]
 
 
