@@ -605,3 +605,23 @@ def test_docstring_examples(module):
 
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_cli_logs_counts_workers_with_describe(clean_env, monkeypatch):
+    calls = []
+
+    class Result:
+        returncode, stdout, stderr = 0, "v5litepod-16\n", ""
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return Result()
+
+    monkeypatch.setattr(shutil, "which", lambda program: "/usr/bin/" + program)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(os, "makedirs", lambda *a, **k: None)
+    code, _, err = run_cli("logs", "--name", "t", "--zone", "z", "--local-dir", "L")
+    assert code == 0, err
+    target = C.Target("t", "z")
+    assert calls == [C.workers_query_command(target), *C.logs_commands(target, 4, "L")]
+    assert calls[0][-1] == "--format=value(acceleratorType)"
