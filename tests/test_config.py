@@ -1,0 +1,88 @@
+"""GraLoRAConfig / LoRAConfig: PEFT defaults, validation and adapter_config.json conversion."""
+
+import dataclasses
+import json
+
+import pytest
+
+from gralora_jax.config import GraLoRAConfig, LoRAConfig, config_from_peft_dict, load_adapter_config
+from conftest import DATA_DIR
+
+MANIFEST = json.loads((DATA_DIR / "manifest.json").read_text())
+
+
+def test_peft_defaults():
+    c = GraLoRAConfig()
+    assert (c.r, c.alpha, c.gralora_k, c.hybrid_r, c.gralora_dropout) == (32, 64, 2, 0, 0.0)
+    assert (c.fan_in_fan_out, c.bias, c.init_weights) == (False, "none", True)
+    assert c.scaling == 2.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.r = 8
+
+
+@pytest.mark.parametrize("r,alpha,h,expected", [(8, 16, 0, 2.0), (16, 40, 4, 2.0), (32, 64, 8, 1.6), (12, 6, 0, 0.5)])
+def test_scaling_is_alpha_over_r_plus_hybrid(r, alpha, h, expected):
+    assert GraLoRAConfig(r=r, alpha=alpha, gralora_k=2 if r % 2 == 0 else 1, hybrid_r=h).scaling == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("case", MANIFEST["layer_cases"], ids=lambda c: c["name"])
+def test_golden_peft_config_dicts_round_trip(case):
+    d = case["peft_config"]
+    c = GraLoRAConfig.from_peft_dict(d)
+    assert c.scaling == pytest.approx(case["scaling"])
+    out = c.to_peft_dict()
+    for key in ("peft_type", "r", "hybrid_r", "alpha", "gralora_k", "gralora_dropout", "fan_in_fan_out", "bias",
+                "init_weights", "layers_to_transform", "layers_pattern", "modules_to_save"):
+        assert out[key] == d[key], key
+    assert sorted(out["target_modules"]) == sorted(d["target_modules"])
+    assert GraLoRAConfig.from_peft_dict(out) == c
+
+
+def test_golden_model_adapter_config_file():
+    c = load_adapter_config(DATA_DIR / "model_tiny_llama_r8_k2_h0" / "adapter")
+    assert isinstance(c, GraLoRAConfig)
+    assert (c.r, c.alpha, c.gralora_k, c.hybrid_r) == (8, 16, 2, 0)
+    assert set(c.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_config_accepted_by_peft():
+    peft = pytest.importorskip("peft")
+    c = GraLoRAConfig(r=16, alpha=32, gralora_k=4, hybrid_r=4, target_modules=["q_proj"], layers_to_transform=[0, 1], layers_pattern="layers")
+    d = c.to_peft_dict()
+    pc = peft.GraloraConfig(**{k: v for k, v in d.items() if k not in ("peft_type", "peft_version")})
+    assert (pc.r, pc.alpha, pc.gralora_k, pc.hybrid_r) == (16, 32, 4, 4)
+
+
+def test_authors_convention_r_includes_hybrid():
+    d = {"peft_type": "GRALORA", "r": 12, "hybrid_r": 4, "alpha": 24, "gralora_k": 2}
+    c = GraLoRAConfig.from_peft_dict(d, authors_convention=True)
+    assert c.r == 8 and c.hybrid_r == 4
+    assert c.scaling == pytest.approx(24 / 12)  # the authors' alpha / r_total
+
+
+def test_lora_config_and_dispatch():
+    c = LoRAConfig(r=8, lora_alpha=16, target_modules=["q_proj"])
+    assert c.scaling == 2.0
+    assert config_from_peft_dict(c.to_peft_dict()) == c
+    with pytest.raises(ValueError, match="peft_type"):
+        config_from_peft_dict({"peft_type": "IA3"})
+    with pytest.raises(ValueError, match="use_dora"):
+        LoRAConfig.from_peft_dict({"peft_type": "LORA", "use_dora": True})
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"bias": "some"}, "bias must be one of"),
+    ({"gralora_dropout": 1.0}, "gralora_dropout"),
+    ({"r": -4, "gralora_k": 2}, "`r` should be a positive integer value but the value passed is -4"),
+])
+def test_other_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        GraLoRAConfig(**kw)
+
+
+def test_bad_adapter_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_adapter_config(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_adapter_config(tmp_path)
