@@ -1,0 +1,181 @@
+"""A tiny pure-JAX causal LM with GraLoRA adapters, its data, and a training script.
+
+Imported by the training/checkpoint tests (toy model + data iterator) and run as a
+subprocess by the resume / SIGTERM tests:
+
+    python tests/_train_worker.py OUT_DIR --steps 6 --ckpt-every 3 [--pause-after 3] [--mesh 4x2]
+
+The model is a bigram-style residual MLP whose Dense layers use HF names (q_proj, o_proj,
+up_proj, down_proj, lm_head) so the llama sharding rules apply; adapters sit beside kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # device count must be fixed before jax is imported
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gralora_jax.hostdevices import ensure_host_devices
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _mesh = sys.argv[sys.argv.index("--mesh") + 1] if "--mesh" in sys.argv else "4x2"
+    _n = 1
+    for _d in _mesh.split("x"):
+        _n *= int(_d)
+    ensure_host_devices(_n)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gralora_jax.layers import adapter_output
+from gralora_jax.losses import causal_lm_loss
+
+VOCAB, D, FF, R, K = 64, 32, 64, 8, 2
+SCALING = 16 / R
+LAYERS = (("self_attn", "q_proj", D, D, 0), ("self_attn", "o_proj", D, D, 2),
+          ("mlp", "up_proj", D, FF, 0), ("mlp", "down_proj", FF, D, 0))
+
+
+def toy_params(seed: int = 0, n_layers: int = 2) -> dict:
+    """Random base + GraLoRA adapters (B random too, so every path matters)."""
+    g = np.random.default_rng(seed)  # numpy: eager jax.random would compile per shape (slow on CI)
+
+    def u(shape, fan_in):
+        return g.uniform(-1, 1, shape).astype(np.float32) / np.float32(np.sqrt(fan_in))
+
+    layers = {}
+    for i in range(n_layers):
+        layer: dict = {"post_norm": {"weight": np.ones((D,), np.float32)}}
+        for group, name, din, dout, hybrid in LAYERS:
+            mod = {"kernel": u((din, dout), din),  # GraLoRA shapes; B random so every path matters
+                   "gralora_A": u((K, din // K, R), din // K), "gralora_B": u((K, R, dout // K), R)}
+            if hybrid:
+                mod["gralora_A_general"] = u((din, hybrid), din)
+                mod["gralora_B_general"] = u((hybrid, dout), hybrid)
+            layer.setdefault(group, {})[name] = mod
+        layers[str(i)] = layer
+    return {
+        "model": {
+            "embed_tokens": {"embedding": g.normal(size=(VOCAB, D)).astype(np.float32)},
+            "layers": layers,
+            "norm": {"weight": np.ones((D,), np.float32)},
+        },
+        "lm_head": {"kernel": u((D, VOCAB), D)},
+    }
+
+
+def _dense(mod, x):
+    y = x @ mod["kernel"]
+    adapter = {k: v for k, v in mod.items() if k != "kernel"}
+    return y + adapter_output(x, adapter, SCALING) if adapter else y
+
+
+def _rms(x, w):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * w
+
+
+def toy_logits(params, input_ids):
+    m = params["model"]
+    h = m["embed_tokens"]["embedding"][input_ids]
+    for i in sorted(m["layers"], key=int):
+        lyr = m["layers"][i]
+        a = lyr["self_attn"]
+        h = h + _dense(a["o_proj"], jnp.tanh(_dense(a["q_proj"], h)))
+        f = lyr["mlp"]
+        h = _rms(h + _dense(f["down_proj"], jax.nn.gelu(_dense(f["up_proj"], h))), lyr["post_norm"]["weight"])
+    return _rms(h, m["norm"]["weight"]) @ params["lm_head"]["kernel"]
+
+
+def toy_loss_fn(params, batch, rng, train):
+    logits = toy_logits(params, batch["input_ids"])
+    loss, n = causal_lm_loss(logits, batch["input_ids"], batch.get("loss_mask"))
+    return loss, {"num_tokens": n}
+
+
+class ToyData:
+    """Deterministic batches: batch i depends only on (seed, i). state() = position."""
+
+    def __init__(self, batch: int = 8, seq: int = 8, seed: int = 0, nan_at: int | None = None):
+        self.batch, self.seq, self.seed, self.index, self.nan_at = batch, seq, seed, 0, nan_at
+
+    def get(self, i: int) -> dict:
+        g = np.random.default_rng(self.seed * 100003 + i)
+        ids = g.integers(0, VOCAB, (self.batch, self.seq), dtype=np.int32)
+        mask = (g.random((self.batch, self.seq)) > 0.25).astype(np.float32)
+        return {"input_ids": ids, "loss_mask": mask}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        b = self.get(self.index)
+        self.index += 1
+        return b
+
+    def state(self) -> dict:
+        return {"index": self.index}
+
+    def restore(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+def main(argv=None) -> int:
+    import argparse
+    import signal
+    import time
+
+    from gralora_jax.optim import OptimConfig
+    from gralora_jax.sharding import make_mesh, param_partition_specs
+    from gralora_jax.train import TrainConfig, Trainer
+    from gralora_jax.tree import trainable_mask
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--ckpt-every", type=int, default=3)
+    ap.add_argument("--pause-after", type=int, default=0, help="after this step's checkpoint is committed, block")
+    ap.add_argument("--sigterm-self-at", type=int, default=0, help="send SIGTERM to self during this step")
+    ap.add_argument("--mesh", default="4x2")
+    a = ap.parse_args(argv)
+
+    mesh = make_mesh(a.mesh)
+    params = toy_params(0)
+    data = ToyData()
+    cfg = TrainConfig(steps=a.steps, checkpoint_every=a.ckpt_every, output_dir=a.out, log_every=1,
+                      progress=False, keep_checkpoints=10)
+    optim = OptimConfig(optimizer="adamw", learning_rate=1e-2, total_steps=a.steps, warmup_steps=1)
+    trainer = Trainer(loss_fn=toy_loss_fn, params=params, mask=trainable_mask(params), optim=optim, config=cfg,
+                      mesh=mesh, param_specs=param_partition_specs(params, "llama", mesh),
+                      checkpoint_meta={"adapter_config": {"r": R, "gralora_k": K}, "base_model": "toy"})
+    resumed = trainer.restore(data)
+    print(f"RESUMED {int(resumed)} AT {trainer.step}", flush=True)
+
+    class Hooked:  # wraps the data iterator to inject pause / SIGTERM at step boundaries
+        def __next__(self):
+            nxt = trainer.step + 1  # the step this batch is for
+            if a.pause_after and nxt == a.pause_after + 1:
+                trainer.checkpointer.wait_until_finished()
+                print(f"COMMITTED {trainer.checkpointer.latest_step()}", flush=True)
+                while True:
+                    time.sleep(1)
+            if a.sigterm_self_at and nxt == a.sigterm_self_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return next(data)
+
+        def state(self):
+            return data.state()
+
+        def restore(self, s):
+            data.restore(s)
+
+    trainer.fit(Hooked())
+    flat = jax.tree_util.tree_leaves(trainer.state.params)
+    np.savez(os.path.join(a.out, f"params_step{trainer.step}.npz"), *[np.asarray(x) for x in flat])
+    print(f"DONE {trainer.stop_reason} AT {trainer.step}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
