@@ -17,7 +17,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from gralora_jax.loading import torch_to_flax_params  # noqa: E402
-from gralora_jax.models import auto_model, from_pretrained, stack_layer_params  # noqa: E402
+from gralora_jax.models import (  # noqa: E402
+    auto_model, from_pretrained, stack_layer_params, unstack_layer_params)
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
@@ -112,7 +113,6 @@ def test_tree_names_follow_hf_flax(case):
 
 def test_transformers_flax_llama_ignores_rope_theta():
     """Why this package exists: transformers' Flax Llama ignores rope_theta (if this fails, the quirk is fixed)."""
-    cls_name, extra = CASES["qwen2"]
     cfg = transformers.LlamaConfig(**{**SMALL, "rope_theta": 500000.0})
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -122,8 +122,8 @@ def test_transformers_flax_llama_ignores_rope_theta():
     params = to_flax(tm, ours)
     ids = np.random.default_rng(0).integers(0, 128, size=(1, SEQ))
     want = torch_logits(tm, ids, np.ones_like(ids), np.arange(SEQ)[None])
-    theirs = np.asarray(fm(ids, params=params).logits)
-    np.testing.assert_allclose(np.asarray(ours(ids, params=params).logits), want, atol=1e-4, rtol=1e-4)
+    theirs = np.asarray(jax.jit(lambda p: fm(ids, params=p).logits)(params))
+    np.testing.assert_allclose(np.asarray(jax.jit(ours.apply)(params, ids).logits), want, atol=1e-4, rtol=1e-4)
     assert np.abs(theirs - want).max() > 1e-3
 
 
@@ -134,29 +134,36 @@ def llama():
     return cfg, tm, model, to_flax(tm, model)
 
 
-@pytest.mark.parametrize("remat_policy", ["none", "full", "dots_saveable"])
-def test_scan_and_remat_match_unrolled(llama, remat_policy):
+def _loss_grad(model, params, ids, mask):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply(p, ids, mask).logits ** 2)))(params)
+
+
+@pytest.fixture(scope="module")
+def llama_ref_grad(llama):
     cfg, tm, model, params = llama
     ids, mask, _ = batch()
-    ref = model.apply(params, ids, mask).logits
-    scanned = auto_model(cfg, scan_layers=True, remat_policy=remat_policy)
-    sparams = stack_layer_params(params)
-    assert sparams["model"]["layers"]["scan"]["self_attn"]["q_proj"]["kernel"].shape == (2, 64, 64)
-    assert jax.tree_util.tree_structure(sparams) == jax.tree_util.tree_structure(scanned.params_shape_tree)
-    np.testing.assert_allclose(np.asarray(scanned.apply(sparams, ids, mask).logits), np.asarray(ref), atol=1e-5)
-    # gradients agree too (remat only changes what is saved)
-    unrolled_remat = auto_model(cfg, remat_policy=remat_policy)
+    return _loss_grad(model, params, ids, mask)
 
-    def loss(m, p):
-        return jnp.mean(m.apply(p, ids, mask).logits ** 2)
 
-    g_ref = jax.grad(lambda p: loss(model, p))(params)
-    g_remat = jax.grad(lambda p: loss(unrolled_remat, p))(params)
-    g_scan = jax.grad(lambda p: loss(scanned, p))(sparams)
-    k = lambda g: np.asarray(g["model"]["layers"]["1"]["mlp"]["down_proj"]["kernel"])  # noqa: E731
-    np.testing.assert_allclose(k(g_remat), k(g_ref), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(g_scan["model"]["layers"]["scan"]["mlp"]["down_proj"]["kernel"][1]),
-                               k(g_ref), atol=1e-6)
+@pytest.mark.parametrize("scan,remat_policy", [(True, "none"), (True, "dots_saveable"), (False, "full")])
+def test_scan_and_remat_match_unrolled(llama, llama_ref_grad, scan, remat_policy):
+    cfg, tm, model, params = llama
+    ids, mask, _ = batch()
+    other = auto_model(cfg, scan_layers=scan, remat_policy=remat_policy)
+    oparams = stack_layer_params(params) if scan else params
+    assert jax.tree_util.tree_structure(oparams) == jax.tree_util.tree_structure(other.params_shape_tree)
+    loss, grads = _loss_grad(other, oparams, ids, mask)
+    ref_loss, ref_grads = llama_ref_grad
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    if scan:
+        assert oparams["model"]["layers"]["scan"]["self_attn"]["q_proj"]["kernel"].shape == (2, 64, 64)
+        grads = unstack_layer_params(grads)
+    for path in [("model", "layers", "1", "mlp", "down_proj", "kernel"),
+                 ("model", "layers", "0", "self_attn", "q_proj", "kernel")]:
+        g, r = grads, ref_grads
+        for k in path:
+            g, r = g[k], r[k]
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-6, err_msg=str(path))
 
 
 def test_lengths_mode_right_padding(llama):
@@ -165,7 +172,7 @@ def test_lengths_mode_right_padding(llama):
     mask[1] = 1
     mask[1, -5:] = 0  # both rows right padded
     lengths_model = auto_model(cfg, attention_mask_mode="lengths")
-    got = np.asarray(lengths_model.apply(params, ids, mask).logits)
+    got = np.asarray(jax.jit(lengths_model.apply)(params, ids, mask).logits)
     want = torch_logits(tm, ids, mask, np.maximum(np.cumsum(mask, -1) - 1, 0))
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], want[valid], atol=1e-4, rtol=1e-4)
@@ -191,7 +198,7 @@ def test_hidden_states_and_no_logits(llama):
 def test_golden_tiny_llama_from_pretrained(data_dir):
     model, params = from_pretrained(data_dir / "model_tiny_llama_r8_k2_h0" / "base")
     gold = np.load(data_dir / "model_tiny_llama_r8_k2_h0.npz")
-    logits = model(gold["input_ids"], gold["attention_mask"], params=params).logits
+    logits = jax.jit(model.apply)(params, gold["input_ids"], gold["attention_mask"]).logits
     np.testing.assert_allclose(np.asarray(logits), gold["logits_base"], atol=1e-4, rtol=1e-4)
 
 
