@@ -1,0 +1,84 @@
+"""Alternative GraLoRA/LoRA adapter arithmetic, for measuring against the library's.
+
+The library (:func:`gralora_jax.layers.gralora_blocks`) evaluates all ``k*k`` block pairs
+with two batched einsums. The variants here compute the same function so their speed can
+be compared inside the same model; :func:`use` swaps one in for the duration of a run by
+rebinding the module attribute that :func:`gralora_jax.layers.adapter_output` calls (a
+benchmark-only patch: the library files are untouched).
+
+* ``library``  the library's two batched einsums (the default)
+* ``unrolled`` a Python loop over blocks: ``k`` plain 2-D matmuls for A, ``k`` for B, then a
+  concatenation; exactly the same products and sums, no batched dot or transposed output
+* ``bf16``     NOT exact: the adapter matmuls take bf16 operands (float32 accumulation)
+  instead of casting ``x`` to float32; shows what float32 adapter math costs
+
+>>> import jax, jax.numpy as jnp
+>>> from gralora_jax import layers
+>>> p = layers.init_gralora_adapter(jax.random.PRNGKey(0), 8, 4, r=4, k=2, init_weights=False)
+>>> x = jax.random.normal(jax.random.PRNGKey(1), (3, 8))
+>>> ref = layers.gralora_blocks(x, p["gralora_A"], p["gralora_B"])
+>>> bool(jnp.allclose(gralora_blocks_unrolled(x, p["gralora_A"], p["gralora_B"]), ref, atol=1e-6))
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+
+from gralora_jax import layers
+
+CONTRACTIONS = ("library", "unrolled", "bf16")
+
+
+def gralora_blocks_unrolled(x, A, B, precision=None):
+    """Same function as ``layers.gralora_blocks``, as 2k plain matmuls."""
+    k, i, r = A.shape
+    s = r // k
+    # latents of input block n: [..., r], columns grouped by output block j
+    h = [jnp.matmul(x[..., n * i:(n + 1) * i], A[n], precision=precision) for n in range(k)]
+    outs = []
+    for j in range(k):
+        z = jnp.concatenate([h[n][..., j * s:(j + 1) * s] for n in range(k)], axis=-1)  # [..., (n, s)]
+        outs.append(jnp.matmul(z, B[j], precision=precision))
+    return jnp.concatenate(outs, axis=-1)
+
+
+def _adapter_output_bf16(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=None, precision=None):
+    """bf16 operands, float32 accumulation and result (dropout ignored: benchmarks use none)."""
+    del dropout_rate, dropout_rng
+    bf = jnp.bfloat16
+    xb = x.astype(bf)
+    dot = lambda a, b: jnp.matmul(a, b.astype(bf), preferred_element_type=jnp.float32)
+    if "gralora_A" in adapter:
+        A, B = adapter["gralora_A"], adapter["gralora_B"]
+        k, i, r = A.shape
+        s = r // k
+        o = B.shape[-1]
+        xk = xb.reshape(*x.shape[:-1], k, i)
+        z = jnp.einsum("...ni,nijs->...jns", xk, A.reshape(k, i, k, s).astype(bf), preferred_element_type=jnp.float32)
+        out = jnp.einsum("...jns,jnso->...jo", z.astype(bf), B.reshape(k, k, s, o).astype(bf),
+                         preferred_element_type=jnp.float32).reshape(*x.shape[:-1], k * o)
+        if "gralora_A_general" in adapter:
+            out = out + dot(dot(xb, adapter["gralora_A_general"]).astype(bf), adapter["gralora_B_general"])
+        return scaling * out
+    A, B = adapter["lora_A"], adapter["lora_B"]
+    return scaling * dot(dot(xb, A).astype(bf), B)
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Run the enclosed tracing with contraction ``name`` (one of :data:`CONTRACTIONS`)."""
+    if name not in CONTRACTIONS:
+        raise ValueError(f"unknown contraction {name!r}; choose from {CONTRACTIONS}")
+    saved = layers.gralora_blocks, layers.adapter_output
+    try:
+        if name == "unrolled":
+            layers.gralora_blocks = gralora_blocks_unrolled
+        elif name == "bf16":
+            layers.adapter_output = _adapter_output_bf16
+        yield
+    finally:
+        layers.gralora_blocks, layers.adapter_output = saved

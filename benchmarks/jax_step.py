@@ -1,0 +1,158 @@
+"""One method's training step in our stack, timed: ``run_jax(...) -> dict``.
+
+Everything comes from the library: ``gralora_jax.models.LlamaForCausalLM`` (random weights,
+bf16 parameters and compute), ``get_gralora_model`` (fp32 adapters on the seven projections),
+``make_optimizer`` (AdamW over the trainable mask; frozen leaves carry no state),
+``make_train_step`` (one jit, grads w.r.t. the trainable leaves only, donated state) on a
+``make_mesh`` mesh with the llama sharding rules. ``frozen`` times a jitted forward + loss.
+
+Timing: the step is lowered and compiled ahead of time (``compile_s``), run ``warmup`` times,
+then ``steps`` times back to back with one ``block_until_ready`` at the end (dispatch overlaps
+the device, as in a training loop). Peak memory is the device allocator's
+``peak_bytes_in_use`` for the whole process (one method per process).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import contractions
+from benchmarks.chunked_loss import chunked_causal_lm_loss
+from benchmarks.shapes import PROJECTIONS as PROJ, Method, Shape
+
+
+def _peak_bytes() -> Optional[int]:
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats:
+        return None
+    return int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def run_jax(
+    shape: Shape,
+    method: Method,
+    *,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    remat: str = "none",
+    mesh: str = "1x1",
+    loss: str = "full",
+    attn: Optional[str] = None,
+    contraction: str = "library",
+    seed: int = 0,
+) -> dict:
+    from transformers import LlamaConfig
+
+    from gralora_jax.config import GraLoRAConfig, LoRAConfig
+    from gralora_jax.losses import causal_lm_loss
+    from gralora_jax.models import LlamaForCausalLM
+    from gralora_jax.optim import OptimConfig, make_optimizer
+    from gralora_jax.sharding import batch_sharding, make_mesh, named_shardings, param_partition_specs, parse_mesh
+    from gralora_jax.surgery import get_gralora_model
+    from gralora_jax.train import init_train_state, make_train_step
+    from gralora_jax import tree as tree_lib
+
+    t_setup = time.perf_counter()
+    n_dev = int(np.prod(list(parse_mesh(mesh).values())))
+    mesh_ = make_mesh(mesh, jax.devices()[:n_dev])
+    cfg = LlamaConfig(**shape.hf_config_kwargs())
+    model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=remat,
+                             attn_implementation=attn)
+    base_specs = param_partition_specs(model.params_shape_tree, "llama", mesh_)
+    params = jax.jit(model.init_params, out_shardings=named_shardings(mesh_, base_specs))(jax.random.PRNGKey(seed))
+
+    if method.trains_adapters:
+        if method.kind == "lora":
+            acfg = LoRAConfig(r=method.r, lora_alpha=method.alpha, target_modules=list(PROJ))
+        else:
+            acfg = GraLoRAConfig(r=method.r, alpha=method.alpha, gralora_k=method.k, hybrid_r=method.hybrid_r,
+                                 target_modules=list(PROJ))
+        gm = get_gralora_model(model, acfg, params=params, rng=jax.random.PRNGKey(seed + 1))
+        params, mask = gm.params, gm.trainable_mask()
+        forward = gm
+    else:
+        mask = jax.tree.map(lambda _: True, params)
+        forward = model
+
+    def loss_fn(p, batch_, rng, train):
+        ids = batch_["input_ids"]
+        if loss == "chunked":
+            out = forward(ids, params=p, compute_logits=False)
+            value = chunked_causal_lm_loss(out.last_hidden_state, model.lm_head_kernel(p), ids)
+        else:
+            value, _ = causal_lm_loss(forward(ids, params=p).logits, ids)
+        return value, {}
+
+    ids = jax.random.randint(jax.random.PRNGKey(seed + 2), (batch, seq), 0, shape.vocab, jnp.int32)
+    data = {"input_ids": jax.device_put(ids, batch_sharding(mesh_))}
+    specs = param_partition_specs(params, "llama", mesh_)
+    flat_mask = tree_lib.flatten(mask)
+    n_train = sum(int(np.prod(v.shape)) for p, v in tree_lib.flatten(params).items() if flat_mask[p])
+
+    with contractions.use(contraction):
+        if method.kind == "frozen":
+            fn = jax.jit(lambda p, b: loss_fn(p, b, None, False)[0])
+            args = (params, data)
+            t0 = time.perf_counter()
+            compiled = fn.lower(*args).compile()
+            compile_s = time.perf_counter() - t0
+
+            def run_once(args):
+                return compiled(*args), args
+        else:
+            optimizer = make_optimizer(
+                OptimConfig(optimizer="adamw", learning_rate=1e-5, total_steps=10_000, schedule="constant",
+                            max_grad_norm=0.0),
+                params,
+                None if method.kind == "full" else mask,
+            )
+            step = make_train_step(loss_fn, optimizer, mask, mesh_, specs, params)
+            state, frozen = init_train_state(params, mask, optimizer, mesh_, specs)
+            del params
+            args = (state, frozen, data)
+            t0 = time.perf_counter()
+            compiled = step.jitted.lower(*args).compile()
+            compile_s = time.perf_counter() - t0
+
+            def run_once(args):
+                state_, frozen_, data_ = args
+                new_state, metrics = compiled(state_, frozen_, data_)
+                return metrics["loss"], (new_state, frozen_, data_)
+
+    mem = compiled.memory_analysis()
+    setup_s = time.perf_counter() - t_setup - compile_s
+    t0 = time.perf_counter()
+    out, args = run_once(args)
+    jax.block_until_ready(out)
+    first_step_s = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        out, args = run_once(args)
+    jax.block_until_ready((out, args))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out, args = run_once(args)
+    jax.block_until_ready((out, args))
+    step_s = (time.perf_counter() - t0) / steps
+    loss_value = float(out)
+    return {
+        "step_s": step_s,
+        "compile_s": compile_s,
+        "first_step_s": first_step_s,
+        "setup_s": setup_s,
+        "peak_bytes": _peak_bytes(),
+        "xla_temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem is not None else None,
+        "xla_argument_bytes": getattr(mem, "argument_size_in_bytes", None) if mem is not None else None,
+        "trainable_params": n_train if method.kind != "frozen" else 0,
+        "loss": loss_value,
+        "devices": n_dev,
+        "device_kind": jax.devices()[0].device_kind,
+        "versions": {"jax": jax.__version__},
+    }
+

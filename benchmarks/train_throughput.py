@@ -1,0 +1,287 @@
+"""Training throughput, MFU and peak memory per method, ours beside PEFT, in one command.
+
+    python -m benchmarks.train_throughput --shape 1b --methods frozen,lora,gralora4 \\
+        --batch 8 --seq 1024 --steps 10 --warmup 3 --out benchmarks/results/1b
+
+Each method runs in its own child process (``--worker``): peak-memory counters only grow
+within a process, JAX and PyTorch must not share a GPU allocator, and an out-of-memory
+method (full fine-tuning at 8B) must not end the run. The parent holds no device; it
+collects one JSON line per child and writes ``<out>.json`` (raw numbers) and ``<out>.md``
+(a table with tokens/s, MFU, step/compile time, peak memory and the ratios:
+GraLoRA / our LoRA, ours / PEFT).
+
+With ``--peft`` (default: when torch and peft import) each adapter method also runs as
+``peft_<method>`` (and ``frozen`` as ``peft_frozen``). See :mod:`benchmarks.shapes` for the
+method names and the FLOP count, :mod:`benchmarks.jax_step` and :mod:`benchmarks.peft_step`
+for what exactly is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+from benchmarks.shapes import (SHAPES, default_peak, parse_method, train_flops_per_token,
+                               trainable_params)
+
+RESULT_TAG = "RESULT_JSON "
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    ap.add_argument("--methods", default="frozen,lora,gralora2,gralora4,gralora4h16,full")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (>= 1)")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--alpha", type=float, default=128)
+    ap.add_argument("--remat", default="none", help="our remat_policy (e.g. full); PEFT side: gradient checkpointing")
+    ap.add_argument("--mesh", default="1x1", help="our mesh, data x model (e.g. 2x1, 1x2)")
+    ap.add_argument("--loss", default="full", choices=("full", "chunked"), help="our loss: full logits or chunked CE")
+    ap.add_argument("--attn", default=None, choices=(None, "xla", "cudnn"), help="our attention implementation")
+    ap.add_argument("--contraction", default="library", help="our adapter arithmetic (benchmarks.contractions)")
+    ap.add_argument("--peft", dest="peft", action="store_true", default=None)
+    ap.add_argument("--no-peft", dest="peft", action="store_false")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: H200 bf16 datasheet)")
+    ap.add_argument("--measure-matmul", action="store_true", help="also time a large bf16 matmul (device ceiling)")
+    ap.add_argument("--inprocess", action="store_true", help="run methods in this process (tests; memory mixes)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    ap.add_argument("--label", default="", help="free text stored with the results")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def _peft_available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "peft", "transformers"))
+
+
+def expand_methods(names: Sequence[str], peft: bool) -> list[str]:
+    """Add ``peft_<m>`` after each adapter method (and ``frozen``) when ``peft``."""
+    out = []
+    for n in names:
+        out.append(n)
+    if peft:
+        for n in names:
+            m = parse_method(n)
+            if m.backend == "jax" and (m.trains_adapters or m.kind == "frozen") and f"peft_{n}" not in out:
+                out.append(f"peft_{n}")
+    return out
+
+
+def _measure_matmul(n: int = 8192, reps: int = 20) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        c = f(a, b)
+    c.block_until_ready()
+    dt = (time.perf_counter() - t0) / reps
+    return {"matmul_n": n, "matmul_tflops": 2 * n ** 3 / dt / 1e12, "device_kind": jax.devices()[0].device_kind}
+
+
+def run_worker(args) -> dict:
+    """Run one method in this process and return its raw result."""
+    if args.worker == "_matmul":
+        return _measure_matmul()
+    shape = SHAPES[args.shape]
+    method = parse_method(args.worker, rank=args.rank, alpha=args.alpha)
+    common = dict(batch=args.batch, seq=args.seq, steps=args.steps, warmup=max(args.warmup, 1), remat=args.remat)
+    if method.backend == "peft":
+        from benchmarks.peft_step import run_peft
+
+        res = run_peft(shape, method, **common)
+    else:
+        from benchmarks.jax_step import run_jax
+
+        res = run_jax(shape, method, mesh=args.mesh, loss=args.loss, attn=args.attn,
+                      contraction=args.contraction, **common)
+    res["method"] = method.name
+    res["backend"] = method.backend
+    return res
+
+
+def _child_argv(args, method: str) -> list[str]:
+    argv = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", method]
+    for flag in ("shape", "batch", "seq", "steps", "warmup", "rank", "alpha", "remat", "mesh", "loss",
+                 "contraction"):
+        argv += [f"--{flag}", str(getattr(args, flag))]
+    if args.attn:
+        argv += ["--attn", args.attn]
+    return argv
+
+
+def _run_child(args, method: str) -> dict:
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(_child_argv(args, method), capture_output=True, text=True, timeout=args.timeout,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired as e:
+        return {"method": method, "error": f"timeout after {args.timeout}s", "tail": str(e.stderr)[-2000:]}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            res = json.loads(line[len(RESULT_TAG):])
+            res["process_s"] = time.perf_counter() - t0
+            return res
+    err = (proc.stderr or "")[-3000:]
+    oom = any(s in err for s in ("RESOURCE_EXHAUSTED", "OutOfMemory", "out of memory", "Out of memory"))
+    return {"method": method, "error": "out of memory" if oom else f"exit code {proc.returncode}", "tail": err}
+
+
+def derive(res: dict, args, peak_flops: float) -> dict:
+    """Add tokens/s, FLOPs, TFLOP/s and MFU to one raw result."""
+    if "error" in res or res.get("method") == "_matmul":
+        return res
+    shape = SHAPES[args.shape]
+    method = parse_method(res["method"], rank=args.rank, alpha=args.alpha)
+    tokens = args.batch * args.seq
+    flops = train_flops_per_token(shape, args.seq, method) * tokens
+    res["tokens_per_step"] = tokens
+    res["tokens_per_s"] = tokens / res["step_s"]
+    res["model_flops_per_step"] = flops
+    res["model_tflops_per_s"] = flops / res["step_s"] / 1e12
+    res["mfu"] = flops / res["step_s"] / (peak_flops * res.get("devices", 1))
+    res["expected_trainable_params"] = trainable_params(shape, method)
+    return res
+
+
+def add_ratios(results: list[dict]) -> None:
+    """``vs_lora`` (our step time / our LoRA's; peak memory likewise) and ``vs_peft`` (our tokens/s / PEFT's)."""
+    by = {r["method"]: r for r in results if "error" not in r and "step_s" in r}
+    lora = by.get("lora")
+    for r in results:
+        if "error" in r or "step_s" not in r:
+            continue
+        if r.get("backend") == "jax" and lora and r["method"].startswith("gralora"):
+            r["step_vs_lora"] = r["step_s"] / lora["step_s"]
+            if r.get("peak_bytes") and lora.get("peak_bytes"):
+                r["peak_vs_lora"] = r["peak_bytes"] / lora["peak_bytes"]
+        twin = by.get("peft_" + r["method"])
+        if r.get("backend") == "jax" and twin:
+            r["speedup_vs_peft"] = twin["step_s"] / r["step_s"]
+            if r.get("peak_bytes") and twin.get("peak_bytes"):
+                r["peak_vs_peft"] = r["peak_bytes"] / twin["peak_bytes"]
+
+
+def _gib(b: Optional[int]) -> str:
+    return "-" if not b else f"{b / 2**30:.1f}"
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [
+        f"### {meta['shape']} ({meta['reference']}), batch {meta['batch']} x {meta['seq']} tokens, "
+        f"mesh {meta['mesh']}, remat {meta['remat']}, loss {meta['loss']}, contraction {meta['contraction']}",
+        "",
+        f"{meta['date']} · {meta['device_kind']} x{meta['devices']} · MFU vs {meta['peak_tflops']:.1f} TFLOP/s"
+        + (f" · measured bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s" if meta.get("matmul_tflops") else "")
+        + (f" · {meta['label']}" if meta.get("label") else ""),
+        "",
+        "| method | stack | trainable | step (ms) | tokens/s | model TFLOP/s | MFU | peak mem (GiB) | compile (s) "
+        "| step vs our LoRA | mem vs our LoRA | speed-up vs PEFT | mem vs PEFT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        if r.get("method") == "_matmul":
+            continue
+        if "error" in r:
+            lines.append(f"| {r['method']} | | | {r['error']} | | | | | | | | | |")
+            continue
+        stack = "PEFT (torch)" if r["backend"] == "peft" else "ours (jax)"
+        lines.append(
+            f"| {r['method']} | {stack} | {r['trainable_params']:,} | {r['step_s'] * 1e3:.1f} "
+            f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} | {100 * r['mfu']:.1f}% "
+            f"| {_gib(r.get('peak_bytes'))} | {_fmt(r.get('compile_s'), '.1f')} "
+            f"| {_fmt(r.get('step_vs_lora'), '.3f')} | {_fmt(r.get('peak_vs_lora'), '.3f')} "
+            f"| {_fmt(r.get('speedup_vs_peft'), '.2f')} | {_fmt(r.get('peak_vs_peft'), '.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        res = run_worker(args)
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return res
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for n in names:
+        parse_method(n, rank=args.rank, alpha=args.alpha)  # fail early on a bad name
+    peft = _peft_available() if args.peft is None else args.peft
+    names = expand_methods(names, peft)
+    if args.measure_matmul:
+        names = ["_matmul"] + names
+    results = []
+    for n in names:
+        if args.inprocess:
+            wargs = argparse.Namespace(**{**vars(args), "worker": n})
+            res = run_worker(wargs)
+            res.setdefault("method", n)
+        else:
+            res = _run_child(args, n)
+        summary = {k: res.get(k) for k in ("method", "step_s", "peak_bytes", "compile_s", "error")}
+        print(json.dumps(summary), flush=True)
+        results.append(res)
+    ok = [r for r in results if "error" not in r and r.get("method") != "_matmul"]
+    device_kind = ok[0]["device_kind"] if ok else "unknown"
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else default_peak(device_kind)
+    results = [derive(r, args, peak) for r in results]
+    add_ratios(results)
+    matmul = next((r for r in results if r.get("method") == "_matmul" and "error" not in r), None)
+    shape = SHAPES[args.shape]
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "shape": args.shape,
+        "reference": shape.reference,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "remat": args.remat,
+        "mesh": args.mesh,
+        "loss": args.loss,
+        "attn": args.attn,
+        "contraction": args.contraction,
+        "device_kind": device_kind,
+        "devices": max((r.get("devices", 1) for r in ok), default=1),
+        "peak_tflops": peak / 1e12,
+        "matmul_tflops": matmul["matmul_tflops"] if matmul else None,
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "label": args.label,
+    }
+    report = {"meta": meta, "results": results}
+    md = markdown(report)
+    print(md)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(md)
+    return report
+
+
+if __name__ == "__main__":
+    main()
