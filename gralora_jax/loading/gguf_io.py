@@ -1,0 +1,215 @@
+"""llama.cpp GGUF files (Llama architecture) -> HF config, HF PyTorch-named state dict, tokenizer.
+
+GGUF stores llama.cpp's own tensor names (``blk.3.attn_q.weight``), possibly
+quantised (Q8_0, Q4_1, ...). We dequantise every tensor with ``gguf.quants.dequantize``
+to float and rename it to the transformers ``LlamaForCausalLM`` key, so the rest of
+the loading path is the ordinary safetensors one (:func:`torch_to_flax_params`).
+
+One real transform is needed: llama.cpp's converter reorders the rows of the q and
+k projections of every head from HF's "rotate halves" rotary layout
+(``[x0..x_{d/2-1}, y0..y_{d/2-1}]``) to llama.cpp's interleaved pairs
+(``[x0, y0, x1, y1, ...]``). :func:`unpermute_rotary` undoes it: per head, rows
+``(d/2, 2)`` -> ``(2, d/2)``. k uses the kv-head count.
+
+The config comes from the ``llama.*`` metadata (``llama.rope.freq_base`` ->
+``rope_theta``); a missing ``output.weight`` means tied embeddings. The tokenizer is
+transformers' GGUF tokenizer conversion (``AutoTokenizer.from_pretrained(dir,
+gguf_file=name)``), which reads the metadata only (no torch).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import warnings
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# GGUF tensor name (per-layer names with {i}) -> transformers Llama key. Rules as data.
+_LLAMA_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+# GGUF tensors with no HF parameter (llama3 rope factors are recomputed from the config).
+_SKIP = ("rope_freqs.weight",)
+
+
+def _reader(path: str | os.PathLike):
+    """A (cached) ``gguf.GGUFReader``: parsing a 50k-token vocabulary takes seconds, so
+    reading the config and then the weights of one file parses it once."""
+    p = os.path.abspath(os.fspath(path))
+    st = os.stat(p)
+    return _cached_reader(p, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def _meta(reader) -> dict:
+    """Scalar and string metadata as plain python values (long arrays are skipped)."""
+    out = {}
+    for name, field in reader.fields.items():
+        if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+            out[name + ".len"] = len(field.data)
+            continue
+        try:
+            out[name] = field.contents()
+        except Exception:  # a field type this gguf version can't render: not needed by us
+            pass
+    return out
+
+
+def _arch(meta: dict, path) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
+    return arch
+
+
+def _config_from_meta(meta: dict, has_output: bool, vocab_rows: int | None):
+    from transformers import LlamaConfig
+
+    a = _arch(meta, "gguf")
+
+    def need(key):
+        full = f"{a}.{key}"
+        if full not in meta:
+            raise ValueError(f"GGUF metadata lacks {full!r}")
+        return meta[full]
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    vocab = meta.get(f"{a}.vocab_size") or meta.get("tokenizer.ggml.tokens.len") or vocab_rows
+    kw = dict(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(meta.get(f"{a}.attention.head_count_kv", heads)),
+        head_dim=int(meta.get(f"{a}.attention.key_length", hidden // heads)),
+        max_position_embeddings=int(meta.get(f"{a}.context_length", 2048)),
+        rms_norm_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        tie_word_embeddings=not has_output,
+        architectures=["LlamaForCausalLM"],
+    )
+    if meta.get(f"{a}.rope.scaling.type") == "linear":
+        kw["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{a}.rope.scaling.factor"])}
+    for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+        if f"tokenizer.ggml.{theirs}" in meta:
+            kw[ours] = int(meta[f"tokenizer.ggml.{theirs}"])
+    return LlamaConfig(**kw)
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: per head, interleaved pairs -> rotate-halves.
+
+    ``w`` is ``[n_heads * head_dim, in]``. Inverse of :func:`permute_rotary`.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"can't unpermute {w.shape}: rows not divisible by 2 * {n_heads} heads")
+    d2 = rows // n_heads // 2
+    return w.reshape(n_heads, d2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF rotate-halves rows -> llama.cpp interleaved pairs (what its converter does)."""
+    d2 = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, d2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    m = _LAYER_RE.match(gguf_name)
+    if m:
+        return _LLAMA_NAMES.get("blk.{i}." + m.group(2), "").replace("{i}", m.group(1)) or None
+    return _LLAMA_NAMES.get(gguf_name)
+
+
+def _dequantize(t) -> np.ndarray:
+    import gguf
+
+    shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
+    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+
+
+def load_gguf_config(path: str | os.PathLike):
+    """Only the transformers ``LlamaConfig`` of a GGUF file."""
+    reader = _reader(path)
+    names = {t.name: t for t in reader.tensors}
+    emb = names.get("token_embd.weight")
+    return _config_from_meta(_meta(reader), "output.weight" in names, int(emb.shape[-1]) if emb is not None else None)
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """transformers fast tokenizer built from the GGUF metadata (offline, local file)."""
+    from transformers import AutoTokenizer
+
+    path = os.path.abspath(os.fspath(path))
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True)
+    # transformers' conversion always adds BOS for Llama; follow the file's own flag when it has one.
+    meta = _meta(_reader(path))
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tok, "add_bos_token") and tok.add_bos_token != bool(add_bos):
+        tok.add_bos_token = bool(add_bos)
+    # transformers 4.57 takes eos from the wrong id for some GGUF vocabularies; the file's ids win.
+    for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        tid = meta.get(f"tokenizer.ggml.{key}")
+        if tid is not None and 0 <= int(tid) < len(tok):
+            setattr(tok, attr, tok.convert_ids_to_tokens(int(tid)))
+    return tok
+
+
+def load_gguf(path: str | os.PathLike, *, dtype=np.float32, with_tokenizer: bool = True):
+    """A GGUF Llama -> ``(LlamaConfig, {HF torch key: numpy array}, tokenizer or None)``.
+
+    Every tensor is dequantised to float32, q/k rows un-permuted, then cast to ``dtype``.
+    ``with_tokenizer=False`` skips the tokenizer (third item None).
+    """
+    reader = _reader(path)
+    meta = _meta(reader)
+    _arch(meta, path)
+    tensors = {t.name: t for t in reader.tensors}
+    emb = tensors.get("token_embd.weight")
+    config = _config_from_meta(meta, "output.weight" in tensors, int(emb.shape[-1]) if emb is not None else None)
+    state_dict: dict[str, np.ndarray] = {}
+    unknown = []
+    for name, t in tensors.items():
+        if name in _SKIP:
+            if name == "rope_freqs.weight":
+                warnings.warn(f"{path}: rope_freqs (llama3 rope scaling) is ignored; set rope_scaling on the config")
+            continue
+        key = _hf_name(name)
+        if key is None:
+            unknown.append(name)
+            continue
+        w = _dequantize(t).astype(np.float32)
+        if key.endswith("q_proj.weight"):
+            w = unpermute_rotary(w, config.num_attention_heads)
+        elif key.endswith("k_proj.weight"):
+            w = unpermute_rotary(w, config.num_key_value_heads)
+        state_dict[key] = w.astype(dtype)
+    if unknown:
+        raise ValueError(f"{path}: GGUF tensors with no transformers Llama equivalent: {unknown[:20]}")
+    tokenizer = load_gguf_tokenizer(path) if with_tokenizer else None
+    return config, state_dict, tokenizer
