@@ -252,7 +252,7 @@ def make_train_step(
         denom = jnp.maximum(wsum, 1e-9)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), gsum, state.params)
         loss = lsum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         full_params = tree_lib.combine(state.params, frozen)
         full_grads = tree_lib.combine(grads, jax.tree.map(jnp.zeros_like, frozen))
