@@ -10,6 +10,8 @@ Timing: the step is lowered and compiled ahead of time (``compile_s``), run ``wa
 then ``steps`` times back to back with one ``block_until_ready`` at the end (dispatch overlaps
 the device, as in a training loop). Peak memory is the device allocator's
 ``peak_bytes_in_use`` for the whole process (one method per process).
+``loss="chunked"`` uses :func:`gralora_jax.models.losses.chunked_cross_entropy` on the final
+hidden state instead of materialising the float32 ``[B, T, vocab]`` logits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import contractions
-from benchmarks.chunked_loss import chunked_causal_lm_loss
 from benchmarks.shapes import PROJECTIONS as PROJ, Method, Shape
 
 
@@ -47,12 +48,14 @@ def run_jax(
     attn: Optional[str] = None,
     contraction: str = "library",
     seed: int = 0,
+    profile_dir: Optional[str] = None,
 ) -> dict:
     from transformers import LlamaConfig
 
     from gralora_jax.config import GraLoRAConfig, LoRAConfig
     from gralora_jax.losses import causal_lm_loss
     from gralora_jax.models import LlamaForCausalLM
+    from gralora_jax.models.losses import chunked_cross_entropy
     from gralora_jax.optim import OptimConfig, make_optimizer
     from gralora_jax.sharding import batch_sharding, make_mesh, named_shardings, param_partition_specs, parse_mesh
     from gralora_jax.surgery import get_gralora_model
@@ -85,7 +88,9 @@ def run_jax(
         ids = batch_["input_ids"]
         if loss == "chunked":
             out = forward(ids, params=p, compute_logits=False)
-            value = chunked_causal_lm_loss(out.last_hidden_state, model.lm_head_kernel(p), ids)
+            # position t predicts ids[t + 1]; the last position predicts nothing (label -1)
+            labels = jnp.concatenate([ids[:, 1:], jnp.full((ids.shape[0], 1), -1, ids.dtype)], axis=1)
+            value = chunked_cross_entropy(out.last_hidden_state, model.lm_head_kernel(p), labels, chunk_size=1024)
         else:
             value, _ = causal_lm_loss(forward(ids, params=p).logits, ids)
         return value, {}
@@ -141,12 +146,18 @@ def run_jax(
     jax.block_until_ready((out, args))
     step_s = (time.perf_counter() - t0) / steps
     loss_value = float(out)
+    peak = _peak_bytes()
+    if profile_dir:  # two more steps under the profiler (after the peak was read)
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+            for _ in range(2):
+                out, args = run_once(args)
+            jax.block_until_ready((out, args))
     return {
         "step_s": step_s,
         "compile_s": compile_s,
         "first_step_s": first_step_s,
         "setup_s": setup_s,
-        "peak_bytes": _peak_bytes(),
+        "peak_bytes": peak,
         "xla_temp_bytes": getattr(mem, "temp_size_in_bytes", None) if mem is not None else None,
         "xla_argument_bytes": getattr(mem, "argument_size_in_bytes", None) if mem is not None else None,
         "trainable_params": n_train if method.kind != "frozen" else 0,

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per child process")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     ap.add_argument("--label", default="", help="free text stored with the results")
+    ap.add_argument("--profile", default="", help="comma list of our methods to trace (jax.profiler, 2 steps)")
+    ap.add_argument("--profile-dir", default="/tmp/bench_profile", help="where traces go (<dir>/<method>)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -109,8 +111,13 @@ def run_worker(args) -> dict:
     else:
         from benchmarks.jax_step import run_jax
 
+        prof = os.path.join(args.profile_dir, method.name) if method.name in args.profile.split(",") else None
         res = run_jax(shape, method, mesh=args.mesh, loss=args.loss, attn=args.attn,
-                      contraction=args.contraction, **common)
+                      contraction=args.contraction, profile_dir=prof, **common)
+        if prof:
+            from benchmarks.trace_summary import summarize
+
+            res["profile"] = summarize(prof, steps=2)
     res["method"] = method.name
     res["backend"] = method.backend
     return res
@@ -119,8 +126,8 @@ def run_worker(args) -> dict:
 def _child_argv(args, method: str) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", method]
     for flag in ("shape", "batch", "seq", "steps", "warmup", "rank", "alpha", "remat", "mesh", "loss",
-                 "contraction"):
-        argv += [f"--{flag}", str(getattr(args, flag))]
+                 "contraction", "profile", "profile_dir"):
+        argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.attn:
         argv += ["--attn", args.attn]
     return argv
@@ -240,7 +247,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             res = _run_child(args, n)
         summary = {k: res.get(k) for k in ("method", "step_s", "peak_bytes", "compile_s", "error")}
         print(json.dumps(summary), flush=True)
+        if res.get("profile"):
+            from benchmarks.trace_summary import format_summary
+
+            print(f"profile of {n}:\n" + format_summary(res["profile"]), flush=True)
         results.append(res)
+        if args.out:  # partial results survive a killed run
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out + ".partial.json", "w") as f:
+                json.dump({"args": vars(args), "results": results}, f, indent=1)
     ok = [r for r in results if "error" not in r and r.get("method") != "_matmul"]
     device_kind = ok[0]["device_kind"] if ok else "unknown"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else default_peak(device_kind)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU runs behind docs/benchmarks.md, by stage. Writes JSON/Markdown/logs to $OUT (or ./bench_out).
+#   bash benchmarks/gpu_suite.sh main1b     # one H200: the 1b table, ours vs PEFT, + traces
+#   bash benchmarks/gpu_suite.sh variants   # one H200: 1b loss/contraction variants, 8b with remat
+#   bash benchmarks/gpu_suite.sh scaling    # two H200: 1b on mesh 2x1 (data) and 1x2 (tensor)
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+B="python3 -m benchmarks.train_throughput --batch 8 --seq 1024"
+case "${1:-main1b}" in
+main1b)
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$OUT/nvidia_smi.txt"
+  python3 -c "import jax, torch, peft, transformers, flax, optax; print(jax.__version__, jax.devices(), torch.__version__, peft.__version__, transformers.__version__, flax.__version__, optax.__version__)"
+  $B --shape 1b --steps 10 --warmup 3 --measure-matmul --methods frozen,lora,gralora2,gralora4,gralora4h16,full \
+     --profile lora,gralora4 --profile-dir /tmp/prof --out "$OUT/h200_1b" 2>&1 | tee "$OUT/log_main1b.txt"
+  for m in lora gralora4; do f=$(ls /tmp/prof/$m/plugins/profile/*/perfetto_trace.json.gz | head -1); cp "$f" "$OUT/trace_1b_$m.json.gz"; done
+  ;;
+variants)
+  ( $B --shape 1b --steps 10 --warmup 3 --no-peft --methods lora,gralora4 --loss chunked --out "$OUT/h200_1b_chunked"
+    $B --shape 1b --steps 10 --warmup 3 --no-peft --methods gralora4 --contraction unrolled --out "$OUT/h200_1b_unrolled"
+    $B --shape 1b --steps 10 --warmup 3 --no-peft --methods lora,gralora4 --contraction bf16 --out "$OUT/h200_1b_bf16"
+    $B --shape 8b --steps 5 --warmup 2 --remat full --methods lora,gralora4,full --out "$OUT/h200_8b_remat"
+  ) 2>&1 | tee "$OUT/log_variants.txt"
+  ;;
+scaling)
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+  ( $B --shape 1b --steps 10 --warmup 3 --no-peft --mesh 2x1 --methods lora,gralora4 --out "$OUT/h200x2_1b_dp"
+    $B --shape 1b --steps 10 --warmup 3 --no-peft --mesh 1x2 --methods lora,gralora4 --out "$OUT/h200x2_1b_tp"
+  ) 2>&1 | tee "$OUT/log_scaling.txt"
+  ;;
+*) echo "unknown stage $1"; exit 2 ;;
+esac
