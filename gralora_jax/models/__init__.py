@@ -8,6 +8,7 @@ for the tree layout and numerics, ``causal_lm.py`` for the call convention,
 from gralora_jax.models.auto import MODEL_CLASSES, auto_model, from_pretrained
 from gralora_jax.models.causal_lm import CausalLM
 from gralora_jax.models.decoder import CausalLMOutput
+from gralora_jax.models.generation import generate
 from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
 from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from gralora_jax.models.layout import stack_layer_params, unstack_layer_params
@@ -18,6 +19,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "auto_model",
     "from_pretrained",
+    "generate",
     "stack_layer_params",
     "unstack_layer_params",
     "CausalLM",
