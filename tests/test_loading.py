@@ -282,6 +282,30 @@ def test_rope_theta_warning(tmp_path):
         load_pretrained(tmp_path, use_ours=False)
 
 
+def _ours_available():
+    try:
+        from gralora_jax.models import auto_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_load_pretrained_prefers_our_models(ids, tmp_path):
+    if not _ours_available():
+        pytest.skip("gralora_jax.models not available")
+    torch.manual_seed(9)
+    model = transformers.LlamaForCausalLM(_llama_config(tied=True, **{})).eval()
+    model.config.rope_theta = 50000.0  # transformers' FlaxLlama can't do this one; ours can
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    ref = _torch_logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval(), ids)
+    ours, params = load_pretrained(tmp_path)
+    assert not isinstance(ours, transformers.FlaxPreTrainedModel)
+    np.testing.assert_allclose(np.asarray(ours(ids, params=params).logits), ref, atol=1e-4)
+    with pytest.raises(ValueError, match="model_type"):
+        transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path / "g")
+        load_pretrained(tmp_path / "g", use_ours=True)
+
+
 # ------------------------------------------------------------------------------------------ GGUF
 def _llama_cpp_permute(w, n_heads):
     """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute), written out for the test."""
@@ -410,5 +434,11 @@ def test_smollm2_gguf_predicts_paris():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     assert tok.eos_token_id == 2 and ids[0, 0].item() != tok.bos_token_id
     with torch.no_grad():
-        nxt = model(ids).logits[0, -1].argmax().item()
-    assert tok.decode([nxt]) == " Paris"
+        ref = model(ids).logits.numpy()
+    assert tok.decode([int(ref[0, -1].argmax())]) == " Paris"
+    # the whole path in JAX: load_pretrained(.gguf) into our own model (rope_theta 1e5 honoured)
+    if _ours_available():
+        jm, params = load_pretrained(path)
+        logits = np.asarray(jm(ids.numpy(), params=params).logits)
+        assert tok.decode([int(logits[0, -1].argmax())]) == " Paris"
+        np.testing.assert_allclose(logits, ref, atol=2e-3, rtol=1e-3)

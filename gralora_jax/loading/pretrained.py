@@ -260,7 +260,13 @@ def load_pretrained(
         x = np.asarray(x).astype(param_dtype) if is_floating(x) else np.asarray(x)
         return x if as_numpy else jnp.asarray(x)
 
-    return model, jax.tree_util.tree_map(cast, params)
+    params = jax.tree_util.tree_map(cast, params)
+    if not hasattr(model, "_do_init"):  # ours (not a transformers Flax model): also keep them on the model
+        try:
+            model.params = params
+        except (AttributeError, ValueError):
+            pass
+    return model, params
 
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike, *, revision: str | None = None):
