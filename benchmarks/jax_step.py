@@ -17,6 +17,7 @@ hidden state instead of materialising the float32 ``[B, T, vocab]`` logits.
 from __future__ import annotations
 
 import time
+import types
 from typing import Optional
 
 import jax
@@ -50,11 +51,9 @@ def run_jax(
     seed: int = 0,
     profile_dir: Optional[str] = None,
 ) -> dict:
-    from transformers import LlamaConfig
-
     from gralora_jax.config import GraLoRAConfig, LoRAConfig
     from gralora_jax.losses import causal_lm_loss
-    from gralora_jax.models import LlamaForCausalLM
+    from gralora_jax.models import CausalLM
     from gralora_jax.models.losses import chunked_cross_entropy
     from gralora_jax.optim import OptimConfig, make_optimizer
     from gralora_jax.sharding import batch_sharding, make_mesh, named_shardings, param_partition_specs, parse_mesh
@@ -65,8 +64,11 @@ def run_jax(
     t_setup = time.perf_counter()
     n_dev = int(np.prod(list(parse_mesh(mesh).values())))
     mesh_ = make_mesh(mesh, jax.devices()[:n_dev])
-    cfg = LlamaConfig(**shape.hf_config_kwargs())
-    model = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=remat,
+    # a plain attribute bag read by spec_from_hf_config: no dependence on the installed
+    # transformers' config classes (the GPU image has transformers 5)
+    cfg = types.SimpleNamespace(model_type="llama", rope_scaling=None, initializer_range=0.02,
+                                **shape.hf_config_kwargs())
+    model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=remat,
                              attn_implementation=attn)
     base_specs = param_partition_specs(model.params_shape_tree, "llama", mesh_)
     params = jax.jit(model.init_params, out_shardings=named_shardings(mesh_, base_specs))(jax.random.PRNGKey(seed))
