@@ -181,7 +181,7 @@ def test_lengths_mode_right_padding(llama):
 def test_hidden_states_and_no_logits(llama):
     cfg, tm, model, params = llama
     ids, mask, pos = batch()
-    out = model(ids, mask, params=params, output_hidden_states=True)
+    out = jax.jit(lambda p: model.apply(p, ids, mask, output_hidden_states=True))(params)
     with torch.no_grad():
         t = tm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
                output_hidden_states=True)
@@ -189,7 +189,7 @@ def test_hidden_states_and_no_logits(llama):
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(out.hidden_states[1])[valid], t.hidden_states[1].numpy()[valid], atol=1e-4)
     # final normed hidden @ lm_head == logits
-    h = model(ids, mask, params=params, compute_logits=False)
+    h = jax.jit(lambda p: model.apply(p, ids, mask, compute_logits=False))(params)
     assert h.logits is None
     np.testing.assert_allclose(np.asarray(h.last_hidden_state @ model.lm_head_kernel(params)), np.asarray(out.logits),
                                atol=1e-4)
@@ -205,3 +205,17 @@ def test_golden_tiny_llama_from_pretrained(data_dir):
 def test_auto_model_rejects_unknown_type():
     with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
         auto_model(transformers.GPT2Config())
+
+
+def test_bf16_compute_close_to_float32(llama):
+    cfg, tm, model, params = llama
+    ids, mask, _ = batch()
+    bf = auto_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    bparams = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    assert bf.params_shape_tree["model"]["norm"]["weight"].dtype == jnp.bfloat16
+    got = jax.jit(bf.apply)(bparams, ids, mask).logits
+    assert got.dtype == jnp.float32
+    ref = np.asarray(jax.jit(model.apply)(params, ids, mask).logits)
+    valid = mask.astype(bool)
+    err = np.abs(np.asarray(got)[valid] - ref[valid]).max() / np.abs(ref[valid]).max()
+    assert err < 5e-2, err
