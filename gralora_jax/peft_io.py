@@ -12,7 +12,8 @@ tree leaf                   PEFT key suffix                             layout c
 ``gralora_B_general``       ``.gralora_B_general.weight``               transpose
 ``lora_A`` [in, r]          ``.lora_A.weight``                          transpose
 ``lora_B`` [r, out]         ``.lora_B.weight``                          transpose
-``bias`` (bias != none)     ``.bias``                                   none
+``bias`` (bias != none)     ``.bias``, or ``.base_layer.bias`` on an    none
+                            adapted module (PEFT wraps it)
 ==========================  ==========================================  =================
 
 >>> adapter_key("model/layers/0/self_attn/q_proj/gralora_A")
@@ -49,12 +50,17 @@ _LEAVES = {
 _SUFFIXES = sorted(((s, name, t) for name, (s, t) in _LEAVES.items()), key=lambda x: -len(x[0]))
 
 
-def adapter_key(path: str) -> str:
-    """Tree path of an adapter leaf -> PEFT saved key."""
+def adapter_key(path: str, *, adapted: bool = False) -> str:
+    """Tree path of an adapter leaf -> PEFT saved key.
+
+    ``adapted=True`` marks a ``bias`` whose module holds an adapter: PEFT wraps such a module,
+    so its bias is saved as ``<module>.base_layer.bias``.
+    """
     module, leaf = path.rsplit("/", 1)
     if leaf not in _LEAVES:
         raise ValueError(f"{path!r} is not an adapter leaf")
-    return PREFIX + module.replace("/", ".") + "." + _LEAVES[leaf][0]
+    suffix = "base_layer.bias" if (leaf == "bias" and adapted) else _LEAVES[leaf][0]
+    return PREFIX + module.replace("/", ".") + "." + suffix
 
 
 def adapter_path(key: str) -> str:
@@ -62,6 +68,8 @@ def adapter_path(key: str) -> str:
     if not key.startswith(PREFIX):
         raise ValueError(f"PEFT adapter key {key!r} does not start with {PREFIX!r}")
     body = key[len(PREFIX):]
+    if body.endswith(".base_layer.bias"):
+        return body[: -len(".base_layer.bias")].replace(".", "/") + "/bias"
     for suffix, name, _ in _SUFFIXES:
         if body.endswith("." + suffix):
             return body[: -len(suffix) - 1].replace(".", "/") + "/" + name
@@ -75,9 +83,13 @@ def _transposed(leaf: str) -> bool:
 def to_peft_state_dict(adapters: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Adapter sub-tree (nested dict) -> ``{peft_key: array}`` in PEFT's layouts."""
     out = {}
+    adapted = set(tree_lib.adapted_modules(adapters))
     for path, v in tree_lib.flatten(adapters).items():
         a = np.asarray(v)
-        out[adapter_key(path)] = np.ascontiguousarray(a.T if _transposed(tree_lib.leaf_name(path)) else a)
+        key = adapter_key(path, adapted=path.rsplit("/", 1)[0] in adapted)
+        if key in out:
+            raise ValueError(f"two tree leaves map to the PEFT key {key!r}")
+        out[key] = np.ascontiguousarray(a.T if _transposed(tree_lib.leaf_name(path)) else a)
     return out
 
 

@@ -24,7 +24,9 @@ Two steps, neither of which edits the model's source:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import warnings
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
@@ -32,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from gralora_jax import layers, peft_io
+from gralora_jax import layers, peft_io, quirks
 from gralora_jax import tree as tree_lib
 from gralora_jax.config import AdapterConfig, GraLoRAConfig, LoRAConfig, check_layer_divisible
-from gralora_jax.targets import select_targets
+from gralora_jax.targets import default_target_modules, select_targets
 
 IN_OUT, OUT_IN = "in_out", "out_in"
 _CONV1D_CLASS_NAMES = ("FlaxConv1D",)  # transformers' GPT-2 projection: kernel stored [out, in]
@@ -63,8 +65,12 @@ def _kernel_layouts(model, params) -> dict[str, str]:
                 jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
             elif hasattr(model, "init_params"):
                 jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0)))
-    except Exception:  # tracing is only a hint; fall back to the kernel's shape below
-        pass
+    except Exception as e:  # noqa: BLE001 - tracing is only a hint; unknown modules count as nn.Dense
+        warnings.warn(
+            f"could not trace {type(model).__name__} to find kernel layouts ({type(e).__name__}: {e}); "
+            "assuming every kernel is [in, out] (nn.Dense)",
+            stacklevel=3,
+        )
     return seen
 
 
@@ -307,7 +313,10 @@ def get_gralora_model(
     """PEFT's ``get_peft_model`` for Flax: insert adapters, return a :class:`GraLoRAModel`.
 
     ``model`` is a transformers Flax model (Llama, Mistral, Gemma, GPT-2, BERT, RoBERTa, T5, ...)
-    or one of :mod:`gralora_jax.models`; ``params`` defaults to ``model.params``.
+    or one of :mod:`gralora_jax.models`; ``params`` defaults to ``model.params``. With
+    ``config.target_modules=None`` the model type's PEFT default is used (``q_proj``/``v_proj``
+    for Llama, ``c_attn`` for GPT-2, ...). For T5 models :func:`gralora_jax.quirks.patch_t5_clip`
+    is applied first.
     """
     if not isinstance(config, (GraLoRAConfig, LoRAConfig)):
         raise TypeError(f"config must be a GraLoRAConfig or LoRAConfig, got {type(config).__name__}")
@@ -317,6 +326,13 @@ def get_gralora_model(
             raise ValueError("the model holds no params (built with _do_init=False?): pass params=...")
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
+    if quirks.is_t5_model(model):
+        quirks.patch_t5_clip()
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        default = default_target_modules(model_type)
+        if default is not None:  # PEFT's per-architecture default
+            config = dataclasses.replace(config, target_modules=default)
     layouts = _kernel_layouts(model, params)
     new, _ = add_adapters(params, config, jax.random.PRNGKey(0) if rng is None else rng, layouts=layouts, adapter_dtype=adapter_dtype)
     return GraLoRAModel(model, config, new, layouts)

@@ -5,7 +5,9 @@ follows PEFT: ``target_modules`` as a string is a regex that must match the whol
 as a list, each entry matches the last name(s) of the path (``"q_proj"`` matches
 ``model.layers.0.self_attn.q_proj``). ``"all-linear"`` takes every linear layer but the output
 head. ``layers_to_transform`` keeps only modules under the given layer indices of the layer
-list (``layers_pattern``, else the usual names ``layers``, ``h``, ``layer``, ``block``, ``blocks``).
+list: the number after the first ``<layers_pattern>.`` in the path, or (no pattern) the
+first numbered segment ``<name>.<i>.`` after a dot, as PEFT does (``model.layers.3.mlp`` -> 3,
+``encoder.block.1.layer.0.SelfAttention.q`` -> 1).
 
 >>> select_targets(["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
 ...                 "model.layers.1.mlp.up_proj"], ["q_proj"], layers_to_transform=[1])
@@ -17,8 +19,24 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional, Sequence, Union
 
-COMMON_LAYER_PATTERNS = ("layers", "h", "layer", "block", "blocks", "encoder.layer", "decoder.block")
 OUTPUT_HEADS = ("lm_head", "classifier", "qa_outputs", "score", "cls", "head")
+
+# What PEFT targets when ``target_modules`` is None, per ``config.model_type`` (the families we test).
+DEFAULT_TARGET_MODULES = {
+    **dict.fromkeys(("llama", "mistral", "gemma", "gemma2", "qwen2", "opt", "gptj", "bart"), ("q_proj", "v_proj")),
+    "gpt2": ("c_attn",),
+    **dict.fromkeys(("bert", "roberta", "electra"), ("query", "value")),
+    **dict.fromkeys(("t5", "mt5"), ("q", "v")),
+}
+
+
+def default_target_modules(model_type: Optional[str]) -> Optional[tuple[str, ...]]:
+    """PEFT's default targets for a transformers ``model_type`` (None when unknown).
+
+    >>> default_target_modules("llama")
+    ('q_proj', 'v_proj')
+    """
+    return DEFAULT_TARGET_MODULES.get(model_type)
 
 
 def _matches(path: str, target_modules: Union[str, Sequence[str]]) -> bool:
@@ -30,12 +48,18 @@ def _matches(path: str, target_modules: Union[str, Sequence[str]]) -> bool:
 
 
 def _layer_index(path: str, layers_pattern) -> Optional[int]:
-    patterns = (layers_pattern,) if isinstance(layers_pattern, str) else (layers_pattern or COMMON_LAYER_PATTERNS)
-    for pat in patterns:
-        m = re.search(rf"(?:^|\.){re.escape(pat)}\.(\d+)(?:\.|$)", path)
-        if m:
-            return int(m.group(1))
-    return None
+    """PEFT's rule: the first ``<name>.<digits>.`` segment after a dot (any name when no pattern)."""
+    if isinstance(layers_pattern, str):
+        layers_pattern = (layers_pattern,)
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", path)
+    else:
+        m = None
+        for pat in layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pat}\.(\d+)\.", path)
+            if m is not None:
+                break
+    return int(m.group(1)) if m else None
 
 
 def select_targets(
@@ -57,20 +81,21 @@ def select_targets(
         )
     if isinstance(layers_to_transform, int):
         layers_to_transform = [layers_to_transform]
-    if layers_to_transform is not None and isinstance(target_modules, str) and target_modules != "all-linear":
+    if layers_to_transform and isinstance(target_modules, str) and target_modules != "all-linear":
         raise ValueError("layers_to_transform only works when target_modules is a list of module names (as in PEFT)")
     chosen = []
     for p in paths:
         if not _matches(p, target_modules):
             continue
-        if layers_to_transform is not None:
+        exact = not isinstance(target_modules, str) and p in target_modules  # PEFT: no layer filter then
+        if layers_to_transform and not exact:
             idx = _layer_index(p, layers_pattern)
             if idx is None or idx not in layers_to_transform:
                 continue
         chosen.append(p)
     if not chosen:
         names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-        extra = f" within layers {list(layers_to_transform)}" if layers_to_transform is not None else ""
+        extra = f" within layers {list(layers_to_transform)}" if layers_to_transform else ""
         raise ValueError(
             f"target_modules {target_modules!r} matched no linear module{extra}. "
             f"Linear module names in this model: {names}"
