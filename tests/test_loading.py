@@ -156,8 +156,8 @@ def test_load_pretrained_matches_torch_and_roundtrips(torch_llama, ids, tmp_path
     assert isinstance(params["model"]["norm"]["weight"], jax.Array)
     np.testing.assert_allclose(np.asarray(fmodel(ids, params=params).logits), _torch_logits(model, ids), atol=1e-4)
     # flax -> torch state dict -> transformers PyTorch model gives the same logits
-    drop = ["lm_head/kernel"] if model.config.tie_word_embeddings else []
-    sd = flax_to_torch_state_dict(params, drop=drop)
+    sd = flax_to_torch_state_dict(params, tie_word_embeddings=model.config.tie_word_embeddings)
+    assert ("lm_head.weight" in sd) != model.config.tie_word_embeddings
     write_safetensors(sd, tmp_path / "model.safetensors")
     model.config.save_pretrained(tmp_path)
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
@@ -442,3 +442,69 @@ def test_smollm2_gguf_predicts_paris():
         logits = np.asarray(jm(ids.numpy(), params=params).logits)
         assert tok.decode([int(logits[0, -1].argmax())]) == " Paris"
         np.testing.assert_allclose(logits, ref, atol=2e-3, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ sources
+def test_hub_id_downloads_config_tokenizer_and_safetensors(monkeypatch, tmp_path):
+    """No network: the hub client is replaced by stand-ins recording what would be fetched."""
+    import huggingface_hub
+
+    from gralora_jax.loading.pretrained import resolve_source
+
+    calls = {}
+
+    class FakeApi:
+        def list_repo_files(self, repo_id, revision=None):
+            return ["config.json", "model.safetensors", "flax_model.msgpack", "tokenizer.json", "pytorch_model.bin"]
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None):
+        calls.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert resolve_source("org/name", revision="v1") == str(tmp_path)
+    assert calls["repo_id"] == "org/name" and calls["revision"] == "v1"
+    pats = calls["allow_patterns"]
+    assert "*.safetensors" in pats and "config.json" not in pats and "*.json" in pats and "tokenizer*" in pats
+    assert not any("msgpack" in p or ".bin" in p for p in pats)  # one weight format only
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing path"):
+        load_pretrained(str(tmp_path / "nope" / "deeper"))
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        _llama_config().save_pretrained(tmp_path)
+        load_pretrained(tmp_path, use_ours=False)
+
+
+def test_sharded_flax_msgpack(tmp_path):
+    from flax.serialization import msgpack_serialize
+
+    from gralora_jax.loading import read_flax_msgpack
+
+    a = {"model": {"x": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}}
+    b = {"model": {"y": {"bias": np.ones(3, np.float32)}}}
+    for name, part in (("flax_model-00001-of-00002.msgpack", a), ("flax_model-00002-of-00002.msgpack", b)):
+        (tmp_path / name).write_bytes(msgpack_serialize(part))
+    index = {"weight_map": {"model/x/kernel": "flax_model-00001-of-00002.msgpack",
+                            "model/y/bias": "flax_model-00002-of-00002.msgpack"}}
+    (tmp_path / "flax_model.msgpack.index.json").write_text(json.dumps(index))
+    got = read_flax_msgpack(str(tmp_path))
+    np.testing.assert_array_equal(got["model"]["x"]["kernel"], a["model"]["x"]["kernel"])
+    np.testing.assert_array_equal(got["model"]["y"]["bias"], 1.0)
+    os.remove(tmp_path / "flax_model-00002-of-00002.msgpack")
+    with pytest.raises(FileNotFoundError, match="00002-of-00002"):
+        read_flax_msgpack(str(tmp_path))
+
+
+def test_load_tokenizer_local(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from gralora_jax.loading import load_tokenizer
+
+    vocab = {"<unk>": 0, "hello": 1, "world": 2}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path)("hello world there").input_ids == [1, 2, 0]

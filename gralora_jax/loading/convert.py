@@ -261,6 +261,7 @@ def flax_to_torch_state_dict(
     drop: Iterable[str] = (),
     allow_adapters: bool = False,
     dtype=None,
+    tie_word_embeddings: bool = False,
 ) -> dict[str, np.ndarray]:
     """Inverse of :func:`torch_to_flax_params`: Flax tree -> ``{HF torch key: numpy array}``.
 
@@ -268,11 +269,13 @@ def flax_to_torch_state_dict(
     ``embedding``/``scale`` -> ``weight``, everything else keeps its name.
     ``prefix`` is prepended to every key (e.g. ``"model."`` for a headless tree);
     ``drop`` lists Flax paths to leave out (e.g. ``["lm_head/kernel"]`` for tied embeddings).
+    ``tie_word_embeddings=True`` also drops a head kernel that is tied to the embedding
+    (``lm_head/kernel``), as transformers' ``save_pretrained`` does.
     Adapter leaves are an error (merge them first with ``merge_and_unload``) unless
     ``allow_adapters``, which passes them through under their own names.
     """
     params, _ = _unwrap(params)
-    drop = set(drop)
+    drop = set(drop) | ({head for head, _ in TIED_HEADS} if tie_word_embeddings else set())
     out: dict[str, np.ndarray] = {}
     for path, leaf in flatten(params).items():
         if path in drop:

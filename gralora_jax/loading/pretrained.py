@@ -81,9 +81,14 @@ def resolve_source(path_or_hub_id: str | os.PathLike, revision: str | None = Non
         return p
     if p.endswith(".gguf"):
         raise FileNotFoundError(f"GGUF file {p!r} does not exist")
-    if p.startswith((".", "/", "~")) or p.count("/") != 1:
+    if p.startswith((".", "/", "~")) or p.count("/") > 1 or not p.strip():
         raise FileNotFoundError(f"{p!r} is neither an existing path nor a hub id of the form 'org/name'")
-    return _hub_download(p, revision)
+    try:
+        return _hub_download(p, revision)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # offline, unknown repo, gated model, ...
+        raise FileNotFoundError(f"{p!r} is not a local path, and downloading it from the hub failed: {e}") from e
 
 
 def _is_gguf(path: str) -> bool:
