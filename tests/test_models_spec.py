@@ -1,0 +1,46 @@
+"""Config reading and validation (no compilation)."""
+
+import pytest
+import transformers
+
+from gralora_jax.models import auto_model, spec_from_hf_config
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def test_arch_quirks_are_read():
+    q = spec_from_hf_config(transformers.Qwen2Config(**SMALL))
+    assert (q.qkv_bias, q.o_bias) == (True, False)
+    m = spec_from_hf_config(transformers.MistralConfig(**SMALL, sliding_window=7))
+    assert m.windows == (7, 7)
+    g2 = spec_from_hf_config(transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=5))
+    assert g2.windows == (5, None) and g2.norm_offset == 1.0 and g2.sandwich_norms and g2.embed_scale
+    r = spec_from_hf_config(transformers.LlamaConfig(**SMALL, rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192)))
+    assert (r.rope.rope_type, r.rope.theta, r.rope.factor) == ("llama3", 500000.0, 32.0)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        spec_from_hf_config(transformers.LlamaConfig(**SMALL, rope_scaling=dict(rope_type="yarn", factor=2.0)))
+    with pytest.raises(ValueError, match="scan_layers=True needs every layer"):
+        auto_model(transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=5), scan_layers=True)
+    with pytest.raises(ValueError, match="unknown remat_policy"):
+        auto_model(transformers.LlamaConfig(**SMALL), remat_policy="most")
+    with pytest.raises(ValueError, match="attention_mask_mode"):
+        auto_model(transformers.LlamaConfig(**SMALL), attention_mask_mode="left")
+    with pytest.raises(ValueError, match="expects a Qwen2Config"):
+        from gralora_jax.models import Qwen2ForCausalLM
+
+        Qwen2ForCausalLM(transformers.LlamaConfig(**SMALL))
+
+
+def test_auto_model_from_dict_and_dir(tmp_path):
+    model = auto_model({"model_type": "mistral", **SMALL})
+    assert type(model).__name__ == "MistralForCausalLM"
+    transformers.Qwen2Config(**SMALL).save_pretrained(tmp_path)
+    assert type(auto_model(tmp_path)).__name__ == "Qwen2ForCausalLM"
+    with pytest.raises(ValueError, match="unsupported model_type 'bert'"):
+        auto_model({"model_type": "bert"})
