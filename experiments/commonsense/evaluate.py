@@ -1,0 +1,380 @@
+"""Evaluate on the LLM-Adapters test sets: generate and extract, or score the options.
+
+Two modes, both batched, jitted and sharded over the mesh's data axis (the batch is
+padded to a multiple of the data-parallel size; padding rows are dropped):
+
+* ``generate`` (the authors' protocol): the prompt ``build_prompt(instruction, input)``
+  ends with ``### Response:``; the model continues greedily (``num_beams=1``) or by beam
+  search (``num_beams=4`` as the authors), and :func:`extract_answer` takes the *first*
+  occurrence of the task's answer words in the decoded continuation. No match counts as
+  wrong.
+* ``loglik``: for each option label of the question (the task's label words that the
+  instruction mentions), score ``log p("the correct answer is <label>" + EOS | prompt)``
+  and pick the best. One forward per candidate, no decoding loop.
+
+Decoding is written over a pure ``logits_fn(params, input_ids, attention_mask) -> logits``
+(``GraLoRAModel.logits_fn``, so adapter routing is active) without a KV cache: the batch is
+right-padded into a fixed buffer ``[B, prompt_bucket + max_new_tokens]`` and every step
+re-runs the forward and reads each row's logits at its own current position. Causal
+attention makes the later (padding) positions irrelevant, positions need no shifting, and
+the whole loop is one ``lax.fori_loop`` that compiles once per prompt bucket. That is
+cheap for the short answers of these tasks (a handful of tokens); a cached decoder would
+be faster for long generations.
+
+>>> extract_answer("piqa", "the correct answer is solution2, not solution1")
+'solution2'
+>>> extract_answer("boolq", "The answer is True")  # case-sensitive, as the authors
+''
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from experiments.commonsense import data as data_lib
+from experiments.commonsense.prompt import build_prompt
+from experiments.commonsense.tasks import ANSWER_PREFIX, TASK_LABELS, check_task
+
+EVAL_MODES = ("generate", "loglik")
+
+# The authors' extraction patterns: alternatives in order, no word boundaries, case-sensitive.
+_PATTERNS = {task: re.compile("|".join(labels)) for task, labels in TASK_LABELS.items()}
+
+
+def extract_answer(task: str, text: str) -> str:
+    """The first of ``task``'s answer words in ``text`` ('' if none), as LLM-Adapters does."""
+    check_task(task)
+    m = _PATTERNS[task].search(text.strip())
+    return m.group(0) if m else ""
+
+
+def candidate_labels(task: str, instruction: str) -> tuple[str, ...]:
+    """The labels a question offers: boolq's two words, else the task's labels named in the instruction.
+
+    >>> candidate_labels("ARC-Easy", "Q?\\n\\nAnswer1: a\\n\\nAnswer2: b\\n\\nAnswer format: answer1/answer2")
+    ('answer1', 'answer2')
+    """
+    labels = TASK_LABELS[check_task(task)]
+    if task == "boolq":
+        return labels
+    low = instruction.lower()
+    found = tuple(lab for lab in labels if re.search(re.escape(lab) + r"(?!\d)", low))
+    return found or labels
+
+
+@dataclass
+class TaskResult:
+    task: str  # task name
+    correct: int  # number of exact matches with ``answer``
+    total: int  # number of scored records
+    records: list[dict] = field(default_factory=list)  # per record: answer, pred, output (generate) / scores
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def summarize(results: Mapping[str, TaskResult]) -> dict[str, Any]:
+    """``{"tasks": {task: accuracy}, "average": mean accuracy, "counts": {task: [correct, total]}}``."""
+    accs = {t: r.accuracy for t, r in results.items()}
+    return {
+        "tasks": accs,
+        "average": float(np.mean(list(accs.values()))) if accs else 0.0,
+        "counts": {t: [r.correct, r.total] for t, r in results.items()},
+    }
+
+
+def format_table(summary: Mapping[str, Any], title: str = "") -> str:
+    """A plain-text table of per-task accuracy (percent) and the average."""
+    rows = list(summary["tasks"].items()) + [("average", summary["average"])]
+    w = max(len(t) for t, _ in rows)
+    lines = [title] if title else []
+    lines += [f"{'task':<{w}}  accuracy", f"{'-' * w}  --------"]
+    for t, a in rows:
+        if t == "average":
+            lines.append(f"{'-' * w}  --------")
+        lines.append(f"{t:<{w}}  {100 * a:7.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- sharded batches
+
+
+def _pad_rows(arrays: Mapping[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
+    n = next(iter(arrays.values())).shape[0]
+    m = -(-n // multiple) * multiple
+    if m == n:
+        return dict(arrays), n
+    return {k: np.concatenate([v, np.repeat(v[-1:], m - n, axis=0)], 0) for k, v in arrays.items()}, n
+
+
+def _place(arrays: Mapping[str, np.ndarray], mesh) -> dict:
+    import jax
+
+    if mesh is None:
+        return {k: jax.numpy.asarray(v) for k, v in arrays.items()}
+    from gralora_jax import sharding
+
+    shard = sharding.batch_sharding(mesh)
+    return {k: jax.device_put(v, shard) for k, v in arrays.items()}
+
+
+def _dp_size(mesh) -> int:
+    if mesh is None:
+        return 1
+    from gralora_jax import sharding
+
+    return sharding.data_parallel_size(mesh)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _compile_decoder(logits_fn: Callable, max_new_tokens: int, num_beams: int, eos_id: int, pad_id: int):
+    """A jitted ``(params, ids [B, L], lengths [B]) -> generated [B, max_new_tokens]``."""
+    import jax
+    import jax.numpy as jnp
+
+    def logprobs_at(params, ids, pos):
+        att = (jnp.arange(ids.shape[1])[None, :] <= pos[:, None]).astype(jnp.int32)
+        logits = logits_fn(params, ids, att)
+        last = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        return jax.nn.log_softmax(last, axis=-1)
+
+    def greedy(params, ids, lengths):
+        b = ids.shape[0]
+
+        def body(t, carry):
+            ids, done, out = carry
+            pos = lengths + t - 1
+            nxt = jnp.argmax(logprobs_at(params, ids, pos), axis=-1).astype(ids.dtype)
+            nxt = jnp.where(done, pad_id, nxt)
+            ids = ids.at[jnp.arange(b), pos + 1].set(nxt)
+            out = out.at[:, t].set(nxt)
+            return ids, done | (nxt == eos_id), out
+
+        out = jnp.full((b, max_new_tokens), pad_id, ids.dtype)
+        _, _, out = jax.lax.fori_loop(0, max_new_tokens, body, (ids, jnp.zeros((b,), bool), out))
+        return out
+
+    def beam(params, ids, lengths):
+        b, L = ids.shape
+        k = num_beams
+        ids = jnp.repeat(ids, k, axis=0)  # [b*k, L]
+        lens = jnp.repeat(lengths, k)
+        # Only beam 0 is live at the start so the k copies do not fill the beam with duplicates.
+        scores = jnp.tile(jnp.array([0.0] + [-1e9] * (k - 1), jnp.float32), (b, 1))  # [b, k]
+        done = jnp.zeros((b, k), bool)
+        gen_len = jnp.zeros((b, k), jnp.int32)
+        out = jnp.full((b, k, max_new_tokens), pad_id, ids.dtype)
+
+        def body(t, carry):
+            ids, scores, done, gen_len, out = carry
+            pos = lens + t - 1
+            lp = logprobs_at(params, ids, pos).reshape(b, k, -1)  # [b, k, V]
+            v = lp.shape[-1]
+            # A finished beam extends only with padding at no cost.
+            fin = jnp.full((v,), -1e9, jnp.float32).at[pad_id].set(0.0)
+            lp = jnp.where(done[..., None], fin, lp)
+            cand = (scores[..., None] + lp).reshape(b, k * v)
+            top, idx = jax.lax.top_k(cand, k)  # [b, k]
+            src, tok = idx // v, (idx % v).astype(ids.dtype)
+            gather = (jnp.arange(b)[:, None] * k + src).reshape(-1)
+            ids = ids[gather]
+            out = jnp.take_along_axis(out, src[..., None], axis=1).at[:, :, t].set(tok)
+            prev_done = jnp.take_along_axis(done, src, axis=1)
+            gen_len = jnp.take_along_axis(gen_len, src, axis=1) + (~prev_done).astype(jnp.int32)
+            done = prev_done | (tok == eos_id)
+            ids = ids.at[jnp.arange(b * k), pos + 1].set(tok.reshape(-1))
+            return ids, top, done, gen_len, out
+
+        ids, scores, done, gen_len, out = jax.lax.fori_loop(0, max_new_tokens, body, (ids, scores, done, gen_len, out))
+        # HF's default length_penalty=1.0: rank finished hypotheses by score / length.
+        norm = scores / jnp.maximum(gen_len, 1).astype(jnp.float32)
+        best = jnp.argmax(norm, axis=1)
+        return jnp.take_along_axis(out, best[:, None, None], axis=1)[:, 0]
+
+    return jax.jit(greedy if num_beams <= 1 else beam)
+
+
+def generate_answers(
+    logits_fn: Callable,
+    params: Any,
+    tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    batch_size: int = 32,
+    max_prompt_len: int = 512,
+    mesh=None,
+    generate_fn: Callable | None = None,
+) -> list[str]:
+    """Decoded continuations after ``### Response:`` for every record (special tokens skipped).
+
+    ``generate_fn(params, input_ids, attention_mask) -> [B, P + new]`` (left-padded prompts, the
+    ``gralora_jax.models.generate`` contract, KV-cached) is used when given; otherwise the
+    cache-less decoder over ``logits_fn``.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad is None:
+        pad = eos
+    decoders: dict = {}
+    prompts = [_encode(tokenizer, build_prompt(r["instruction"], r.get("input", "")), max_prompt_len) for r in records]
+    dp = _dp_size(mesh)
+    bs = max(dp, -(-batch_size // dp) * dp)
+    texts: list[str] = []
+    bucket_sizes = data_lib.buckets(max(16, 1 << (max_prompt_len - 1).bit_length()))
+    for s in range(0, len(prompts), bs):
+        chunk = prompts[s : s + bs]
+        p_len = data_lib.bucket_for(max(len(p) for p in chunk), bucket_sizes)
+        if generate_fn is not None:
+            ids = np.full((len(chunk), p_len), pad, np.int32)
+            att = np.zeros((len(chunk), p_len), np.int32)
+            for i, p in enumerate(chunk):
+                ids[i, p_len - len(p) :] = p
+                att[i, p_len - len(p) :] = 1
+            arrays, n = _pad_rows({"ids": ids, "att": att}, dp)
+            placed = _place(arrays, mesh)
+            out = np.asarray(generate_fn(params, placed["ids"], placed["att"]))[:n, p_len:]
+            texts += [_decode(tokenizer, row, eos) for row in out]
+            continue
+        L = p_len + max_new_tokens
+        ids = np.full((len(chunk), L), pad, np.int32)
+        for i, p in enumerate(chunk):
+            ids[i, : len(p)] = p
+        lengths = np.array([len(p) for p in chunk], np.int32)
+        arrays, n = _pad_rows({"ids": ids, "lengths": lengths}, dp)
+        placed = _place(arrays, mesh)
+        key = L
+        if key not in decoders:
+            decoders[key] = _compile_decoder(logits_fn, max_new_tokens, num_beams, eos, pad)
+        out = np.asarray(decoders[key](params, placed["ids"], placed["lengths"]))[:n]
+        texts += [_decode(tokenizer, row, eos) for row in out]
+    return texts
+
+
+def _decode(tokenizer, row, eos: int) -> str:
+    toks = [int(t) for t in row]
+    if eos in toks:
+        toks = toks[: toks.index(eos)]
+    return tokenizer.decode(toks, skip_special_tokens=True)
+
+
+def _encode(tokenizer, text: str, max_len: int) -> list[int]:
+    ids = list(tokenizer(text, padding=False)["input_ids"])
+    if len(ids) > max_len:  # keep the end: the question and "### Response:" must survive
+        ids = ids[-max_len:]
+    return ids
+
+
+# ----------------------------------------------------------------------------- log-likelihood scoring
+
+
+def _compile_scorer(logits_fn: Callable):
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def score(params, ids, att, mask):
+        logits = logits_fn(params, ids, att)[:, :-1].astype(jnp.float32)
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        tok = jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
+        return (tok * mask[:, 1:]).sum(-1)
+
+    return score
+
+
+def score_options(
+    logits_fn: Callable,
+    params: Any,
+    tokenizer,
+    task: str,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int = 64,
+    cutoff_len: int = 256,
+    mesh=None,
+) -> list[dict[str, float]]:
+    """Per record ``{label: log p(answer sentence of label | prompt)}``."""
+    scorer = _compile_scorer(logits_fn)
+    rows: list[tuple[int, str, data_lib.Example]] = []
+    for i, r in enumerate(records):
+        for lab in candidate_labels(task, r["instruction"]):
+            rec = {"instruction": r["instruction"], "input": r.get("input", ""), "output": ANSWER_PREFIX + lab}
+            rows.append((i, lab, data_lib.tokenize_example(tokenizer, rec, cutoff_len, mask_prompt=True)))
+    dp = _dp_size(mesh)
+    bs = max(dp, -(-batch_size // dp) * dp)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bucket_sizes = data_lib.buckets(cutoff_len)
+    out: list[dict[str, float]] = [{} for _ in records]
+    for s in range(0, len(rows), bs):
+        chunk = rows[s : s + bs]
+        batch = data_lib.pad_batch([e for _, _, e in chunk], pad, bucket_sizes)
+        arrays, n = _pad_rows(batch, dp)
+        placed = _place(arrays, mesh)
+        vals = np.asarray(scorer(params, placed["input_ids"], placed["attention_mask"], placed["loss_mask"]))[:n]
+        for (i, lab, _), v in zip(chunk, vals):
+            out[i][lab] = float(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+def evaluate_task(
+    logits_fn: Callable,
+    params: Any,
+    tokenizer,
+    task: str,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    mode: str = "generate",
+    num_beams: int = 1,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    cutoff_len: int = 256,
+    mesh=None,
+    generate_fn: Callable | None = None,
+) -> TaskResult:
+    """Accuracy of one task by ``mode`` ("generate" | "loglik")."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}")
+    check_task(task)
+    res = TaskResult(task, 0, len(records))
+    if mode == "generate":
+        outs = generate_answers(
+            logits_fn, params, tokenizer, records, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            batch_size=batch_size, max_prompt_len=cutoff_len, mesh=mesh, generate_fn=generate_fn,
+        )
+        for r, o in zip(records, outs):
+            pred = extract_answer(task, o)
+            res.correct += pred == r["answer"]
+            res.records.append({"answer": r["answer"], "pred": pred, "output_pred": o, "flag": pred == r["answer"]})
+    else:
+        scores = score_options(logits_fn, params, tokenizer, task, records, batch_size=batch_size,
+                               cutoff_len=cutoff_len, mesh=mesh)
+        for r, sc in zip(records, scores):
+            pred = max(sc, key=sc.get)
+            res.correct += pred == r["answer"]
+            res.records.append({"answer": r["answer"], "pred": pred, "scores": sc, "flag": pred == r["answer"]})
+    return res
+
+
+def evaluate_all(
+    logits_fn: Callable, params: Any, tokenizer, eval_sets: Mapping[str, Sequence[Mapping[str, Any]]], *,
+    log: Callable[[str], None] | None = None, **kw
+) -> dict[str, TaskResult]:
+    """:func:`evaluate_task` over ``{task: records}``, in order."""
+    out = {}
+    for task, recs in eval_sets.items():
+        out[task] = evaluate_task(logits_fn, params, tokenizer, task, recs, **kw)
+        if log:
+            log(f"  {task}: {100 * out[task].accuracy:.2f}% ({out[task].correct}/{out[task].total})")
+    return out
