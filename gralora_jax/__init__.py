@@ -17,6 +17,7 @@ from gralora_jax.layers import (
     merge,
     unmerge,
 )
+from gralora_jax.loading import load_pretrained, load_tokenizer
 from gralora_jax.peft_io import load_adapter, save_adapter
 from gralora_jax.surgery import GraLoRAModel, add_adapters, get_gralora_model
 
@@ -34,6 +35,8 @@ __all__ = [
     "init_lora_adapter",
     "load_adapter",
     "load_adapter_config",
+    "load_pretrained",
+    "load_tokenizer",
     "merge",
     "save_adapter",
     "tree",
