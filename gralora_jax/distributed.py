@@ -74,6 +74,12 @@ def maybe_initialize_distributed(
         kwargs["process_id"] = process_id
     if local_device_ids is not None:
         kwargs["local_device_ids"] = local_device_ids
+    if os.environ.get("JAX_PLATFORMS", "").lower().startswith("cpu"):
+        # CPU-only multi-process runs (tests, CI) need a cross-process collectives backend.
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except Exception:  # pragma: no cover - option renamed/removed in a future jax
+            pass
     jax.distributed.initialize(**kwargs)
     _initialized = True
     return True

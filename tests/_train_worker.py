@@ -20,6 +20,8 @@ if __name__ == "__main__":  # device count must be fixed before jax is imported
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     _mesh = sys.argv[sys.argv.index("--mesh") + 1] if "--mesh" in sys.argv else "4x2"
+    if "--dist" in sys.argv:  # two processes x 4 devices make one 4x2 mesh
+        _mesh = "2x2"
     _n = 1
     for _d in _mesh.split("x"):
         _n *= int(_d)
@@ -121,6 +123,37 @@ class ToyData:
         self.index = int(state["index"])
 
 
+def dist_main(process_id: int, port: int) -> int:
+    """One of two CPU processes (4 host devices each) training on a global 4x2 mesh."""
+    from gralora_jax.distributed import global_batch_from_local, maybe_initialize_distributed, process_batch_slice
+    from gralora_jax.optim import make_optimizer
+    from gralora_jax.sharding import make_mesh, param_partition_specs
+    from gralora_jax.train import init_train_state, make_train_step
+    from gralora_jax.tree import trainable_mask
+
+    assert maybe_initialize_distributed(f"localhost:{port}", 2, process_id)
+    print(f"PROCS {jax.process_count()} DEVICES {jax.device_count()} LOCAL {jax.local_device_count()}", flush=True)
+    params = toy_params(0, n_layers=1)
+    mask = trainable_mask(params)
+    mesh = make_mesh("4x2")
+    opt = make_optimizer(toy_optim(), params, mask)
+    specs = param_partition_specs(params, "llama", mesh)
+    step = make_train_step(toy_loss_fn, opt, mask, mesh, specs, params)
+    state, frozen = init_train_state(params, mask, opt, mesh, specs)
+    data, rows = ToyData(), process_batch_slice(8)
+    for _ in range(3):
+        local = {k: v[rows] for k, v in next(data).items()}
+        state, m = step(state, frozen, global_batch_from_local(local, sharding=step.batch_sharding))
+        print(f"LOSS {float(m['loss']):.9g}", flush=True)
+    return 0
+
+
+def toy_optim():
+    from gralora_jax.optim import OptimConfig
+
+    return OptimConfig(optimizer="adamw", learning_rate=1e-2, total_steps=10, warmup_steps=0, weight_decay=0.01)
+
+
 def main(argv=None) -> int:
     import argparse
     import signal
@@ -178,4 +211,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if "--dist" in sys.argv:
+        i = sys.argv.index("--dist")
+        sys.exit(dist_main(int(sys.argv[i + 1]), int(sys.argv[i + 2])))
     sys.exit(main())

@@ -7,6 +7,9 @@ a NumPy cross-entropy (for the loss), and a separately jitted loss (for the Llam
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +18,16 @@ import pytest
 
 from gralora_jax import tree as tree_lib
 from gralora_jax.losses import causal_lm_loss
-from gralora_jax.optim import OptimConfig, make_optimizer
+from gralora_jax.optim import make_optimizer
 from gralora_jax.sharding import make_mesh, param_partition_specs
 from gralora_jax.train import TrainConfig, Trainer, init_train_state, make_causal_lm_loss_fn, make_train_step
 
-from _train_worker import ToyData, toy_logits, toy_loss_fn, toy_params
+from _train_worker import toy_optim, ToyData, toy_logits, toy_loss_fn, toy_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STEPS = 3
-OPTIM = OptimConfig(optimizer="adamw", learning_rate=1e-2, total_steps=10, warmup_steps=0, weight_decay=0.01)
+OPTIM = toy_optim()  # the two-process test's worker uses the same settings
 
 
 def _run(mesh, params, accum=1, steps=STEPS):
@@ -224,3 +229,29 @@ def test_llama_gralora_trains_on_4x2_mesh():
     base = tree_lib.flatten(jax.device_get(tr.frozen))
     for p, v in base.items():
         np.testing.assert_array_equal(v, tree_lib.flatten(params)[p])
+
+
+def test_two_processes_match_single_device(reference):
+    """Two CPU processes x 4 devices (jax.distributed + gloo) on one 4x2 mesh, each feeding its
+    half of the batch through global_batch_from_local: same losses as one device."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    worker = os.path.join(ROOT, "tests", "_train_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, "--dist", str(i), str(port)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "PROCS 2 DEVICES 8 LOCAL 4" in out, out[-3000:]
+        losses = [float(line.split()[1]) for line in out.splitlines() if line.startswith("LOSS ")]
+        np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5, atol=1e-5)
