@@ -62,7 +62,7 @@ def _assert_same(ref, out, tol=1e-5):
         np.testing.assert_allclose(b[p], a[p], rtol=tol, atol=tol, err_msg=p)
 
 
-@pytest.mark.parametrize("spec", ["8x1", "4x2", "2x4", "1x8"])
+@pytest.mark.parametrize("spec", ["8x1", "4x2", "2x4", "1x8", "2x2x2"])
 def test_meshes_match_single_device(spec, params, reference):
     out = _run(make_mesh(spec), params)
     _assert_same(reference, out)
@@ -147,12 +147,12 @@ def _scaled_loss(p, batch, rng, train):
     return loss * batch["scale"].mean(), m
 
 
-def _trainer(params, out_dir, steps=5):
+def _trainer(params, out_dir, steps=5, eval_fn=None):
     mesh = make_mesh("2x1", devices=jax.devices()[:2])
     cfg = TrainConfig(steps=steps, checkpoint_every=1, output_dir=str(out_dir), log_every=1, progress=False,
-                      keep_checkpoints=10)
+                      keep_checkpoints=10, eval_every=2)
     return Trainer(loss_fn=_scaled_loss, params=params, mask=tree_lib.trainable_mask(params), optim=OPTIM, config=cfg,
-                   mesh=mesh, param_specs=param_partition_specs(params, "llama", mesh),
+                   mesh=mesh, param_specs=param_partition_specs(params, "llama", mesh), eval_fn=eval_fn,
                    checkpoint_meta={"adapter_config": {"r": 8}, "base_model": "toy"})
 
 
@@ -168,7 +168,14 @@ def test_nan_guard_stops_and_does_not_checkpoint(params, tmp_path):
 
 def test_sigterm_saves_final_checkpoint_and_stops(params, tmp_path):
     old = signal.getsignal(signal.SIGTERM)
-    tr = _trainer(params, tmp_path, steps=5)
+    seen = []
+
+    def eval_fn(full_params, step):  # gets the full tree (frozen + current adapters)
+        seen.append(step)
+        assert set(tree_lib.flatten(full_params)) == set(tree_lib.flatten(params))
+        return {"score": float(step) * 10}
+
+    tr = _trainer(params, tmp_path, steps=5, eval_fn=eval_fn)
     data = _ScaledData(sigterm_step=3)
     tr.fit(data)
     assert tr.stop_reason == "sigterm" and tr.step == 3
@@ -181,8 +188,10 @@ def test_sigterm_saves_final_checkpoint_and_stops(params, tmp_path):
     for a, b in zip(jax.tree.leaves(tr.state), jax.tree.leaves(tr2.state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "time"} <= set(rows[0])
+    assert seen == [2] and [r for r in rows if "eval_score" in r] == [{"step": 2, "eval_score": 20.0}]
 
 
 def test_bad_train_config():
