@@ -11,6 +11,7 @@ from gralora_jax.models.decoder import CausalLMOutput
 from gralora_jax.models.generation import generate
 from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
 from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from gralora_jax.models.losses import chunked_cross_entropy
 from gralora_jax.models.layout import stack_layer_params, unstack_layer_params
 from gralora_jax.models.spec import SUPPORTED_MODEL_TYPES, DecoderSpec, spec_from_hf_config
 
@@ -18,6 +19,7 @@ __all__ = [
     "MODEL_CLASSES",
     "SUPPORTED_MODEL_TYPES",
     "auto_model",
+    "chunked_cross_entropy",
     "from_pretrained",
     "generate",
     "stack_layer_params",

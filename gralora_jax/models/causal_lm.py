@@ -69,9 +69,12 @@ class CausalLM:
 
     # -- parameters -------------------------------------------------------------------
     def init_params(self, rng, input_shape=(1, 8)):
-        """Random parameters (transformers' init: normal(initializer_range) kernels, unit norms)."""
+        """Random parameters (transformers' init: normal(initializer_range) kernels, unit norms), jit-compiled.
+
+        For a sharded init, wrap it yourself: ``jax.jit(model.init_params, out_shardings=...)``.
+        """
         ids = jnp.zeros(input_shape, jnp.int32)
-        return self.module.init(rng, ids)["params"]
+        return jax.jit(lambda r: self.module.init(r, ids)["params"])(rng)
 
     @property
     def params_shape_tree(self):

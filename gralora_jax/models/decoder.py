@@ -123,8 +123,9 @@ class Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": ck, "v": cv}
             mask = cache_mask(kv_valid, cache_index, T, self.window)
+            # decoding: explicit mask over the cache slots, always the XLA path (tiny T, cuDNN gains nothing)
             out = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), scale=scale, full_mask=mask,
-                            softcap=s.attn_logit_softcap, implementation=s.attn_implementation)
+                            softcap=s.attn_logit_softcap, implementation="xla")
         else:
             out = attention(q, k, v, scale=scale, window=self.window, key_mask=key_mask, kv_lengths=kv_lengths,
                             softcap=s.attn_logit_softcap, implementation=s.attn_implementation)
