@@ -44,3 +44,12 @@ def test_auto_model_from_dict_and_dir(tmp_path):
     assert type(auto_model(tmp_path)).__name__ == "Qwen2ForCausalLM"
     with pytest.raises(ValueError, match="unsupported model_type 'bert'"):
         auto_model({"model_type": "bert"})
+
+
+def test_rope_parameters_of_newer_transformers():
+    import types
+
+    cfg = types.SimpleNamespace(model_type="llama", rms_norm_eps=1e-6, hidden_act="silu", **SMALL,
+                                rope_parameters=dict(rope_type="linear", rope_theta=123.0, factor=2.0))
+    spec = spec_from_hf_config(cfg)
+    assert (spec.rope.theta, spec.rope.rope_type, spec.rope.factor) == (123.0, "linear", 2.0)

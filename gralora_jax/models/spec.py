@@ -99,9 +99,15 @@ class DecoderSpec:
 def _rope_spec(config: Any, head_dim: int) -> RopeSpec:
     partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
     rotary_dim = int(head_dim * partial)
-    theta = float(getattr(config, "rope_theta", 10000.0))
+    theta = getattr(config, "rope_theta", None)
     max_pos = int(getattr(config, "max_position_embeddings", 2048))
     scaling = getattr(config, "rope_scaling", None) or {}
+    # transformers >= 5 keeps theta and the scaling type together in ``rope_parameters``
+    rope_parameters = getattr(config, "rope_parameters", None)
+    if isinstance(rope_parameters, dict) and "rope_theta" in rope_parameters:
+        scaling = scaling or rope_parameters
+        theta = rope_parameters["rope_theta"] if theta is None else theta
+    theta = float(10000.0 if theta is None else theta)
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
