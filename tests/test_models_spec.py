@@ -53,3 +53,14 @@ def test_rope_parameters_of_newer_transformers():
                                 rope_parameters=dict(rope_type="linear", rope_theta=123.0, factor=2.0))
     spec = spec_from_hf_config(cfg)
     assert (spec.rope.theta, spec.rope.rope_type, spec.rope.factor) == (123.0, "linear", 2.0)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "FlaxLlamaForCausalLM"), reason="transformers without Flax models")
+def test_tree_equals_transformers_flax_llama():
+    import jax
+
+    cfg = transformers.LlamaConfig(**SMALL)
+    theirs = transformers.FlaxLlamaForCausalLM(cfg, _do_init=False).params_shape_tree
+    ours = auto_model(cfg).params_shape_tree
+    shapes = lambda t: {k: v.shape for k, v in jax.tree_util.tree_leaves_with_path(t)}  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
