@@ -16,6 +16,14 @@ main1b)
      --profile lora,gralora4 --profile-dir /tmp/prof --out "$OUT/h200_1b" 2>&1 | tee "$OUT/log_main1b.txt"
   for m in lora gralora4; do f=$(ls /tmp/prof/$m/plugins/profile/*/perfetto_trace.json.gz | head -1); cp "$f" "$OUT/trace_1b_$m.json.gz"; done
   ;;
+rest)  # after main1b ran out of time at gralora2: the remaining 1b methods, PEFT, then 8b with remat
+  ( $B --shape 1b --steps 10 --warmup 3 --no-peft --timeout 200 --profile gralora4 --profile-dir /tmp/prof \
+       --methods gralora4,peft_gralora4,peft_lora,gralora4h16,peft_gralora2,peft_gralora4h16,peft_frozen,full \
+       --out "$OUT/h200_1b_rest"
+    $B --shape 8b --steps 5 --warmup 2 --remat full --no-peft --timeout 200 --methods gralora4,peft_gralora4,lora \
+       --out "$OUT/h200_8b_remat"
+  ) 2>&1 | tee "$OUT/log_rest.txt"
+  ;;
 variants)
   ( $B --shape 1b --steps 10 --warmup 3 --no-peft --methods lora,gralora4 --loss chunked --out "$OUT/h200_1b_chunked"
     $B --shape 1b --steps 10 --warmup 3 --no-peft --methods gralora4 --contraction unrolled --out "$OUT/h200_1b_unrolled"

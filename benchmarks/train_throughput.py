@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--label", default="", help="free text stored with the results")
     ap.add_argument("--profile", default="", help="comma list of our methods to trace (jax.profiler, 2 steps)")
     ap.add_argument("--profile-dir", default="/tmp/bench_profile", help="where traces go (<dir>/<method>)")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="rebuild the report from these <out>.partial.json / <out>.json files (same shape/settings)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -94,7 +96,7 @@ def _measure_matmul(n: int = 8192, reps: int = 20) -> dict:
         c = f(a, b)
     c.block_until_ready()
     dt = (time.perf_counter() - t0) / reps
-    return {"matmul_n": n, "matmul_tflops": 2 * n ** 3 / dt / 1e12, "device_kind": jax.devices()[0].device_kind}
+    return {"method": "_matmul", "matmul_n": n, "matmul_tflops": 2 * n ** 3 / dt / 1e12, "device_kind": jax.devices()[0].device_kind}
 
 
 def run_worker(args) -> dict:
@@ -230,6 +232,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         res = run_worker(args)
         print(RESULT_TAG + json.dumps(res), flush=True)
         return res
+    if args.merge:
+        results = []
+        for path in args.merge:
+            with open(path) as f:
+                results += [r for r in json.load(f)["results"] if r.get("method") not in {x.get("method") for x in results}]
+        return _report(args, results)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     for n in names:
         parse_method(n, rank=args.rank, alpha=args.alpha)  # fail early on a bad name
@@ -256,6 +264,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out + ".partial.json", "w") as f:
                 json.dump({"args": vars(args), "results": results}, f, indent=1)
+    return _report(args, results)
+
+
+def _report(args, results: list) -> dict:
+    for r in results:  # the matmul probe reports no method name
+        if "matmul_tflops" in r:
+            r["method"] = "_matmul"
     ok = [r for r in results if "error" not in r and r.get("method") != "_matmul"]
     device_kind = ok[0]["device_kind"] if ok else "unknown"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else default_peak(device_kind)
