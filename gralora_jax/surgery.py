@@ -79,13 +79,46 @@ def _linear_modules(params) -> dict[str, tuple[int, ...]]:
     return {p[: -len("/kernel")]: tuple(np.shape(v)) for p, v in flat.items() if p.endswith("/kernel")}
 
 
-def _init_adapter(key, config: AdapterConfig, in_f: int, out_f: int, dtype) -> dict:
+def _uniform(gen: np.random.Generator, shape, fan_in: int, dtype) -> jax.Array:
+    """Kaiming-uniform (torch's ``a=sqrt(5)``): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return jnp.asarray(gen.uniform(-bound, bound, shape).astype(np.float32), dtype)
+
+
+def _init_adapter(gen: np.random.Generator, config: AdapterConfig, in_f: int, out_f: int, dtype) -> dict:
+    """PEFT's initialisation (same rules and shapes as :func:`gralora_jax.layers.init_gralora_adapter`
+    / ``init_lora_adapter``; ``tests/test_surgery.py`` pins that), drawn on the host with numpy.
+
+    Surgery initialises dozens of differently shaped adapters once; compiling a jax PRNG program
+    per shape costs seconds of XLA time on CPU, a host generator seeded from the jax key costs
+    nothing and is just as reproducible.
+    """
+    zeros = lambda shape: jnp.zeros(shape, dtype)  # noqa: E731
     if isinstance(config, GraLoRAConfig):
-        check_layer_divisible(in_f, out_f, config.gralora_k)
-        return layers.init_gralora_adapter(
-            key, in_f, out_f, config.r, config.gralora_k, config.hybrid_r, dtype, config.init_weights
-        )
-    return layers.init_lora_adapter(key, in_f, out_f, config.r, dtype, config.init_lora_weights)
+        k, r, h = config.gralora_k, config.r, config.hybrid_r
+        i, o = in_f // k, out_f // k
+        out = {
+            "gralora_A": _uniform(gen, (k, i, r), i, dtype),
+            "gralora_B": zeros((k, r, o)) if config.init_weights else _uniform(gen, (k, r, o), r, dtype),
+        }
+        if h > 0:
+            out["gralora_A_general"] = _uniform(gen, (in_f, h), in_f, dtype)
+            out["gralora_B_general"] = zeros((h, out_f)) if config.init_weights else _uniform(gen, (h, out_f), h, dtype)
+        return out
+    r = config.r
+    return {
+        "lora_A": _uniform(gen, (in_f, r), in_f, dtype),
+        "lora_B": zeros((r, out_f)) if config.init_lora_weights else _uniform(gen, (r, out_f), r, dtype),
+    }
+
+
+def _host_generator(rng: jax.Array) -> np.random.Generator:
+    """A numpy generator determined by a jax PRNG key (raw uint32 keys and typed keys)."""
+    try:
+        data = jax.random.key_data(rng)
+    except (TypeError, ValueError):
+        data = rng
+    return np.random.default_rng(np.asarray(data, dtype=np.uint32).ravel().tolist())
 
 
 def add_adapters(
@@ -120,17 +153,23 @@ def add_adapters(
                     f"adapted, and it holds {[l.rsplit('/', 1)[-1] for l in leaves]}"
                 )
     chosen = select_targets(dotted, config.target_modules, config.layers_to_transform, config.layers_pattern)
-    keys = jax.random.split(rng, len(chosen))
-    flat = tree_lib.flatten(params)
-    adapted = []
-    for key, d in zip(keys, chosen):
+    specs = []  # (module path, in_features, out_features)
+    for d in chosen:
         path = dotted[d]
         shape = linear[path]
         if len(shape) != 2:
             raise TypeError(f"target module {d!r} is not supported: kernel of rank {len(shape)} (only 2-D linear kernels)")
         layout = (layouts or {}).get(path, IN_OUT)
         in_f, out_f = shape if layout == IN_OUT else shape[::-1]
-        for name, v in _init_adapter(key, config, in_f, out_f, adapter_dtype).items():
+        if isinstance(config, GraLoRAConfig):
+            check_layer_divisible(in_f, out_f, config.gralora_k)
+        specs.append((path, in_f, out_f))
+
+    gen = _host_generator(rng)
+    flat = tree_lib.flatten(params)
+    adapted = []
+    for path, in_f, out_f in specs:
+        for name, v in _init_adapter(gen, config, in_f, out_f, adapter_dtype).items():
             flat[f"{path}/{name}"] = v
         adapted.append(path)
     return tree_lib.unflatten(flat), adapted
