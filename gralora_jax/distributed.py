@@ -27,6 +27,8 @@ _initialized = False
 def _launched_multi_host() -> str | None:
     """Which launcher asks for multi-host start-up, or None."""
     env = os.environ
+    if env.get("GRALORA_DISTRIBUTED") == "1":  # set by `python -m tpu_setup launch` on every worker
+        return "GRALORA_DISTRIBUTED"
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS"
     if "," in env.get("TPU_WORKER_HOSTNAMES", "") or any(env.get(k) for k in _TPU_ENV[1:]):

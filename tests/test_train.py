@@ -264,3 +264,16 @@ def test_two_processes_match_single_device(reference):
         assert "PROCS 2 DEVICES 8 LOCAL 4" in out, out[-3000:]
         losses = [float(line.split()[1]) for line in out.splitlines() if line.startswith("LOSS ")]
         np.testing.assert_allclose(losses, reference["losses"], rtol=1e-5, atol=1e-5)
+
+
+def test_tpu_launch_flag_requests_distributed_start(monkeypatch):
+    """`python -m tpu_setup launch` sets GRALORA_DISTRIBUTED=1; Cloud TPU VMs have no other env hint."""
+    from gralora_jax import distributed
+
+    for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+              "CLOUD_TPU_TASK_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("GRALORA_DISTRIBUTED", raising=False)
+    assert distributed._launched_multi_host() is None
+    monkeypatch.setenv("GRALORA_DISTRIBUTED", "1")
+    assert distributed._launched_multi_host() == "GRALORA_DISTRIBUTED"
