@@ -20,8 +20,25 @@ from gralora_jax.layers import (
 from gralora_jax.loading import load_pretrained, load_tokenizer
 from gralora_jax.peft_io import load_adapter, save_adapter
 from gralora_jax.surgery import GraLoRAModel, add_adapters, get_gralora_model
+from gralora_jax.optim import OptimConfig, make_optimizer
+from gralora_jax.sharding import make_mesh, param_partition_specs
+from gralora_jax.train import TrainConfig, Trainer, make_causal_lm_loss_fn, train
+from gralora_jax.checkpoint import Checkpointer
+from gralora_jax.hostdevices import ensure_host_devices
+from gralora_jax.distributed import maybe_initialize_distributed
 
 __all__ = [
+    "Checkpointer",
+    "OptimConfig",
+    "TrainConfig",
+    "Trainer",
+    "ensure_host_devices",
+    "make_causal_lm_loss_fn",
+    "make_mesh",
+    "make_optimizer",
+    "maybe_initialize_distributed",
+    "param_partition_specs",
+    "train",
     "GraLoRAConfig",
     "GraLoRADense",
     "GraLoRAModel",
