@@ -35,7 +35,7 @@ from experiments.commonsense import prompt as prompt_lib
 from experiments.commonsense import synthetic
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-_VERSION = 1  # bump when the generated files change meaning
+_VERSION = 3  # bump when the generated files change meaning
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,9 +106,10 @@ def format_table(summary: Mapping[str, Any], title: str = "") -> str:
 # ----------------------------------------------------------------------------- sharded batches
 
 
-def _pad_rows(arrays: Mapping[str, np.ndarray], multiple: int) -> tuple[dict[str, np.ndarray], int]:
+def _pad_rows(arrays: Mapping[str, np.ndarray], multiple: int, rows: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """Repeat the last row up to ``rows`` (the fixed batch size) or the next multiple of ``multiple``."""
     n = next(iter(arrays.values())).shape[0]
-    m = -(-n // multiple) * multiple
+    m = -(-max(n, rows or 0) // multiple) * multiple
     if m == n:
         return dict(arrays), n
     return {k: np.concatenate([v, np.repeat(v[-1:], m - n, axis=0)], 0) for k, v in arrays.items()}, n
@@ -230,7 +231,8 @@ def generate_answers(
     dp = _dp_size(mesh)
     bs = max(dp, -(-batch_size // dp) * dp)
     texts: list[str] = []
-    bucket_sizes = data_lib.buckets(max(16, 1 << (max_prompt_len - 1).bit_length()))
+    # Few, coarse prompt shapes and a fixed batch size: each shape is one compilation.
+    bucket_sizes = data_lib.buckets(max(128, 1 << (max_prompt_len - 1).bit_length()), smallest=128)
     for s in range(0, len(prompts), bs):
         chunk = prompts[s : s + bs]
         p_len = data_lib.bucket_for(max(len(p) for p in chunk), bucket_sizes)
@@ -240,7 +242,7 @@ def generate_answers(
             for i, p in enumerate(chunk):
                 ids[i, p_len - len(p) :] = p
                 att[i, p_len - len(p) :] = 1
-            arrays, n = _pad_rows({"ids": ids, "att": att}, dp)
+            arrays, n = _pad_rows({"ids": ids, "att": att}, dp, bs)
             placed = _place(arrays, mesh)
             out = np.asarray(generate_fn(params, placed["ids"], placed["att"]))[:n, p_len:]
             texts += [_decode(tokenizer, row, eos) for row in out]
@@ -250,7 +252,7 @@ def generate_answers(
         for i, p in enumerate(chunk):
             ids[i, : len(p)] = p
         lengths = np.array([len(p) for p in chunk], np.int32)
-        arrays, n = _pad_rows({"ids": ids, "lengths": lengths}, dp)
+        arrays, n = _pad_rows({"ids": ids, "lengths": lengths}, dp, bs)
         placed = _place(arrays, mesh)
         key = L
         if key not in decoders:
@@ -312,12 +314,12 @@ def score_options(
     dp = _dp_size(mesh)
     bs = max(dp, -(-batch_size // dp) * dp)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    bucket_sizes = data_lib.buckets(cutoff_len)
+    bucket_sizes = data_lib.buckets(max(cutoff_len, 128), smallest=128)
     out: list[dict[str, float]] = [{} for _ in records]
     for s in range(0, len(rows), bs):
         chunk = rows[s : s + bs]
         batch = data_lib.pad_batch([e for _, _, e in chunk], pad, bucket_sizes)
-        arrays, n = _pad_rows(batch, dp)
+        arrays, n = _pad_rows(batch, dp, bs)
         placed = _place(arrays, mesh)
         vals = np.asarray(scorer(params, placed["input_ids"], placed["attention_mask"], placed["loss_mask"]))[:n]
         for (i, lab, _), v in zip(chunk, vals):

@@ -94,10 +94,13 @@ def make_decoder(gm, tokenizer, cfg: ExperimentConfig):
 
     if not isinstance(gm.model, CausalLM):
         return None
+
+    def wrapper():  # one object: generate() caches its compiled loop per wrapper
+        return gm.intercept(False)
+
     return lambda params, ids, mask: generate(
         gm.model, params, ids, mask, cfg.max_new_tokens, num_beams=cfg.num_beams,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        apply_wrapper=lambda: gm.intercept(False),
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, apply_wrapper=wrapper,
     )
 
 

@@ -8,11 +8,16 @@ asked about in the eight tasks' own formats, instruction texts and answer words:
                     "Solution1: use a plum\\n\\nSolution2: use a hammer\\n\\nAnswer format: solution1/solution2",
      "input": "", "output": "the correct answer is solution2", "answer": "solution2"}
 
-The right option is always the one whose thing is of the kind the question points at,
-so the answer follows from facts that recur between the training set and the held-out
-test sets, while names, distractors, surface templates and option order are drawn
-afresh (a test instruction never appears verbatim in training). A model has to learn
-the facts and which slot holds the matching thing; chance is 1/#options.
+The right option is always the one whose thing is of the kind the question points at.
+To keep the embedded run learnable by a tiny random model in a couple of minutes on a
+CPU, *where* the right option sits is itself a fact of the question: every purpose (and
+every kind, for ARC-Easy) has a home slot, ``_slot(cue, n)``; the distractors fill the
+other slots in a fresh random order. So a one-hop lookup (question cue -> answer label)
+suffices, while a model that reads the options also gets it right. boolq's false
+questions name a kind that nothing belongs to ("is a hammer a kind of cloud?"), so its
+answer, too, follows from one word. Names, things, distractors and surface templates are
+drawn afresh for the held-out sets (a test instruction never appears verbatim in
+training); chance is 1/#options.
 
 ``write_synthetic(root)`` writes ``root/train.json`` (the commonsense_170k layout) and
 ``root/<task>/test.json`` for the eight tasks (the LLM-Adapters ``dataset/`` layout).
@@ -37,6 +42,7 @@ WORLD: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "instrument": (("guitar", "piano", "drum", "violin", "flute", "trumpet"), ("play a song", "join a band")),
     "garment": (("coat", "scarf", "sweater", "jacket", "glove", "boot"), ("stay warm", "dress for snow")),
 }
+FALSE_KINDS = ("cloud", "planet", "number", "color", "river", "mountain")  # kinds nothing belongs to
 NAMES = ("Alex", "Sam", "Robin", "Jordan", "Casey", "Taylor", "Morgan", "Riley", "Jamie", "Quinn")
 
 
@@ -50,13 +56,20 @@ def _things() -> list[Fact]:
     return [Fact(t, k) for k, (things, _) in WORLD.items() for t in things]
 
 
-def _options(rng: random.Random, kind: str, n: int) -> tuple[list[str], int]:
-    """``n`` things: one of ``kind`` and ``n-1`` of distinct other kinds; returns (things, correct index)."""
+def _slot(cue: str, n: int) -> int:
+    """The home slot (0-based) of the right option for a question cued by ``cue``, among ``n``."""
+    cues = [p for _, (_, purposes) in WORLD.items() for p in purposes] + list(WORLD)
+    return cues.index(cue) % n
+
+
+def _options(rng: random.Random, kind: str, n: int, cue: str) -> tuple[list[str], int]:
+    """``n`` things: one of ``kind`` at the cue's home slot, ``n-1`` of distinct other kinds shuffled around it."""
     right = rng.choice(WORLD[kind][0])
     others = rng.sample([k for k in WORLD if k != kind], n - 1)
-    opts = [right] + [rng.choice(WORLD[k][0]) for k in others]
-    rng.shuffle(opts)
-    return opts, opts.index(right)
+    opts = [rng.choice(WORLD[k][0]) for k in others]
+    i = _slot(cue, n)
+    opts.insert(i, right)
+    return opts, i
 
 
 def _listing(prefix: str, items: list[str]) -> str:
@@ -69,7 +82,7 @@ def _fmt(word: str, n: int) -> str:
 
 def _boolq(rng: random.Random) -> tuple[str, str]:
     fact = rng.choice(_things())
-    kind = fact.kind if rng.random() < 0.5 else rng.choice([k for k in WORLD if k != fact.kind])
+    kind = fact.kind if rng.random() < 0.5 else rng.choice(FALSE_KINDS)
     q = rng.choice(
         (
             "is a {t} a kind of {k}",
@@ -77,6 +90,8 @@ def _boolq(rng: random.Random) -> tuple[str, str]:
             "can a {t} be called a {k}",
             "would you say that a {t} is a {k}",
             "does the {t} count as a {k}",
+            "is it true that a {t} is a {k}",
+            "should a {t} be called a {k}",
         )
     ).format(t=fact.thing, k=kind)
     instr = f"Please answer the following question with true or false, question: {q}?\n\nAnswer format: true/false"
@@ -90,7 +105,7 @@ def _purpose(rng: random.Random) -> tuple[str, str]:
 
 def _piqa(rng: random.Random) -> tuple[str, str]:
     kind, goal = _purpose(rng)
-    opts, i = _options(rng, kind, 2)
+    opts, i = _options(rng, kind, 2, goal)
     q = rng.choice(("how do you {g}?", "what is the best way to {g}?", "to {g}, what should you do?")).format(g=goal)
     verb = rng.choice(("use a", "take a", "get a"))
     sols = [f"{verb} {o}" for o in opts]
@@ -100,7 +115,7 @@ def _piqa(rng: random.Random) -> tuple[str, str]:
 
 def _social_i_qa(rng: random.Random) -> tuple[str, str]:
     kind, goal = _purpose(rng)
-    opts, i = _options(rng, kind, 3)
+    opts, i = _options(rng, kind, 3, goal)
     name = rng.choice(NAMES)
     q = rng.choice(
         (
@@ -116,7 +131,7 @@ def _social_i_qa(rng: random.Random) -> tuple[str, str]:
 
 def _hellaswag(rng: random.Random) -> tuple[str, str]:
     kind, goal = _purpose(rng)
-    opts, i = _options(rng, kind, 4)
+    opts, i = _options(rng, kind, 4, goal)
     name = rng.choice(NAMES)
     ctx = rng.choice(("{n} wants to {g}. {n}", "{n} is getting ready to {g}. Then {n}")).format(n=name, g=goal)
     verb = rng.choice(("picks up the", "reaches for the", "grabs the"))
@@ -131,7 +146,7 @@ def _hellaswag(rng: random.Random) -> tuple[str, str]:
 
 def _winogrande(rng: random.Random) -> tuple[str, str]:
     kind, goal = _purpose(rng)
-    opts, i = _options(rng, kind, 2)
+    opts, i = _options(rng, kind, 2, goal)
     name = rng.choice(NAMES)
     s = rng.choice(
         (
@@ -149,9 +164,9 @@ def _winogrande(rng: random.Random) -> tuple[str, str]:
 def _arc(rng: random.Random, challenge: bool) -> tuple[str, str]:
     kind = rng.choice(list(WORLD))
     n = 5 if challenge and rng.random() < 0.2 else 4
-    opts, i = _options(rng, kind, n)
+    goal = rng.choice(WORLD[kind][1])
+    opts, i = _options(rng, kind, n, goal if challenge else kind)
     if challenge:
-        goal = rng.choice(WORLD[kind][1])
         q = rng.choice(("Which of these would a person use to {g}?", "Which object helps most to {g}?")).format(g=goal)
     else:
         q = rng.choice(("Which of these is a {k}?", "Which one of the following is a {k}?")).format(k=kind)
@@ -162,7 +177,7 @@ def _arc(rng: random.Random, challenge: bool) -> tuple[str, str]:
 def _openbookqa(rng: random.Random) -> tuple[str, str]:
     kind = rng.choice(list(WORLD))
     goal = rng.choice(WORLD[kind][1])
-    opts, i = _options(rng, kind, 4)
+    opts, i = _options(rng, kind, 4, goal)
     q = rng.choice(
         ("A {k} is what you need to {g}. Which of these is one?", "People {g} with a {k}. What could they use?")
     ).format(k=kind, g=goal)
@@ -210,7 +225,10 @@ def make_splits(
         while len(out) < n_test_per_task:
             ex = make_example(task, rng)
             tries += 1
-            if ex["instruction"] not in seen:
+            # boolq: alternate true/false so a constant guess scores 50% (true questions are
+            # fewer, so the unseen-instruction filter would otherwise skew the set to false).
+            want = ("true", "false")[len(out) % 2] if task == "boolq" else ex["answer"]
+            if ex["instruction"] not in seen and ex["answer"] == want:
                 seen.add(ex["instruction"])
                 out.append(ex)
             elif tries > 100 * n_test_per_task:
