@@ -1,0 +1,150 @@
+"""Surgery on a tiny transformers Flax Llama: target errors, masks, dropout, jit + grad, init rules."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import transformers as tf
+
+from gralora_jax import GraLoRAConfig, LoRAConfig, layers
+from gralora_jax import tree as tree_lib
+from gralora_jax.surgery import GraLoRAModel, _host_generator, _init_adapter, add_adapters, get_gralora_model
+
+jax.config.update("jax_default_matmul_precision", "highest")
+IDS = jnp.array([[3, 5, 7, 9, 11, 13, 2, 4]], dtype=jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_bias=True)
+    return tf.FlaxLlamaForCausalLM(cfg, seed=0)
+
+
+def test_nothing_matched_lists_names(llama):
+    with pytest.raises(ValueError, match=r"matched no linear module.*'down_proj'.*'q_proj'"):
+        get_gralora_model(llama, GraLoRAConfig(r=4, target_modules=["query"]))
+
+
+def test_embedding_target_is_type_error(llama):
+    with pytest.raises(TypeError, match=r"embed_tokens.*only linear layers"):
+        get_gralora_model(llama, GraLoRAConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+
+
+def test_indivisible_shapes_use_peft_message(llama):
+    with pytest.raises(ValueError, match="in_features should be divisible by gralora_k, but got 32 and 3"):
+        get_gralora_model(llama, GraLoRAConfig(r=6, gralora_k=3, target_modules=["k_proj"]))
+
+
+def test_default_targets_from_model_type(llama):
+    gm = get_gralora_model(llama, GraLoRAConfig(r=4))
+    assert gm.config.target_modules == ("q_proj", "v_proj")
+    assert [m.rsplit("/", 1)[1] for m in gm.adapted_modules] == ["q_proj", "v_proj"] * 2
+
+
+def test_regex_and_layers(llama):
+    gm = get_gralora_model(llama, GraLoRAConfig(r=4, target_modules=r"model\.layers\.1\.(self_attn\.o_proj|mlp\.up_proj)"))
+    assert gm.adapted_modules == ["model/layers/1/self_attn/o_proj", "model/layers/1/mlp/up_proj"]
+    gm = get_gralora_model(llama, GraLoRAConfig(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[0],
+                                                layers_pattern="layers"))
+    assert gm.adapted_modules == ["model/layers/0/self_attn/q_proj", "model/layers/0/mlp/down_proj"]
+
+
+def test_bias_masks(llama):
+    def trained(bias):
+        gm = get_gralora_model(llama, GraLoRAConfig(r=4, target_modules=["q_proj"], bias=bias))
+        return {p for p, t in tree_lib.flatten(gm.trainable_mask()).items() if t}, gm
+
+    adapters = {f"model/layers/{i}/self_attn/q_proj/gralora_{x}" for i in (0, 1) for x in "AB"}
+    none, _ = trained("none")
+    assert none == adapters
+    only, gm = trained("gralora_only")
+    assert only == adapters | {f"model/layers/{i}/self_attn/q_proj/bias" for i in (0, 1)}
+    assert set(tree_lib.flatten(gm.adapter_params())) == only
+    every, _ = trained("all")
+    assert every == adapters | {f"model/layers/{i}/self_attn/{n}/bias" for i in (0, 1) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    full = {p for p, t in tree_lib.flatten(gm.trainable_mask(full=True)).items() if t}
+    assert full == set(tree_lib.flatten(gm.params))
+
+
+def test_dropout(llama):
+    gm = get_gralora_model(llama, GraLoRAConfig(r=4, gralora_dropout=0.5, init_weights=False, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="no dropout_rng"):
+        gm(IDS, train=True)
+    eval1, eval2 = gm(IDS).logits, gm(IDS, train=False).logits
+    np.testing.assert_array_equal(np.asarray(eval1), np.asarray(eval2))
+    # the base model has no dropout here (attention_dropout=0), so any change is the adapter's
+    t1 = gm(IDS, train=True, dropout_rng=jax.random.PRNGKey(1)).logits
+    t1b = gm(IDS, train=True, dropout_rng=jax.random.PRNGKey(1)).logits
+    t2 = gm(IDS, train=True, dropout_rng=jax.random.PRNGKey(2)).logits
+    np.testing.assert_array_equal(np.asarray(t1), np.asarray(t1b))
+    assert np.abs(np.asarray(t1) - np.asarray(eval1)).max() > 1e-4
+    assert np.abs(np.asarray(t1) - np.asarray(t2)).max() > 1e-4
+
+
+def test_jit_grad_only_adapters(llama):
+    gm = get_gralora_model(llama, GraLoRAConfig(r=4, hybrid_r=2, init_weights=False, target_modules=["q_proj", "down_proj"]))
+    train, frozen = gm.split_params()
+    assert all(tree_lib.is_adapter_path(p) for p in tree_lib.flatten(train))
+
+    @jax.jit
+    def grad(t, f):
+        return jax.grad(lambda t: jnp.sum(gm.logits_fn(tree_lib.combine(t, f), IDS) ** 2))(t)
+
+    g = tree_lib.flatten(grad(train, frozen))
+    assert set(g) == set(tree_lib.flatten(train)) and len(g) == 2 * 2 * 4
+    assert all(float(jnp.abs(v).max()) > 0 for v in g.values())
+    # and the frozen kernels do influence nothing through the adapter path: base grads are not computed at all
+    assert not any(p.endswith("kernel") for p in g)
+
+
+def test_parameter_count_and_refuse_double_surgery(llama):
+    gm = get_gralora_model(llama, GraLoRAConfig(r=4, hybrid_r=2, target_modules=["q_proj", "k_proj"]))
+    t, _ = gm.num_parameters()
+    assert t == 2 * ((4 + 2) * (32 + 32) + (4 + 2) * (32 + 16))  # LoRA of rank r + hybrid_r
+    with pytest.raises(ValueError, match="already hold adapter leaves"):
+        add_adapters(gm.params, gm.config, jax.random.PRNGKey(0))
+
+
+def test_wrong_config_type(llama):
+    with pytest.raises(TypeError, match="GraLoRAConfig or LoRAConfig"):
+        get_gralora_model(llama, {"r": 4})
+
+
+@pytest.mark.parametrize("config", [
+    GraLoRAConfig(r=8, gralora_k=4, hybrid_r=2), GraLoRAConfig(r=8, gralora_k=2, hybrid_r=2, init_weights=False),
+    LoRAConfig(r=4), LoRAConfig(r=4, init_lora_weights=False),
+], ids=["gralora", "gralora_random_B", "lora", "lora_random_B"])
+def test_surgery_init_follows_layers_init(config):
+    """Surgery draws adapters on the host; shapes, zeros and Kaiming bounds must equal layers.init_*."""
+    gen = _host_generator(jax.random.PRNGKey(0))
+    ours = _init_adapter(gen, config, 64, 32, jnp.float32)
+    if isinstance(config, GraLoRAConfig):
+        ref = layers.init_gralora_adapter(jax.random.PRNGKey(0), 64, 32, config.r, config.gralora_k, config.hybrid_r,
+                                          jnp.float32, config.init_weights)
+    else:
+        ref = layers.init_lora_adapter(jax.random.PRNGKey(0), 64, 32, config.r, jnp.float32, config.init_lora_weights)
+    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in ref.items()}
+    for k in ref:
+        a, b = np.abs(np.asarray(ours[k])), np.abs(np.asarray(ref[k]))
+        assert (a.max() == 0) == (b.max() == 0), k
+        if b.max() > 0:  # same U(-bound, bound): both maxima just under the bound
+            assert a.max() <= b.max() * 1.15 and b.max() <= a.max() * 1.15, k
+
+
+def test_lora_scaling_against_numpy(llama):
+    """LoRA path: y - y_base at one layer equals scale * x A B, computed in numpy."""
+    gm = get_gralora_model(llama, LoRAConfig(r=4, lora_alpha=12, init_lora_weights=False, target_modules=["lm_head"]))
+    h = np.asarray(llama(IDS, output_hidden_states=True).hidden_states[-1])
+    flat = tree_lib.flatten(gm.params)
+    a, b = np.asarray(flat["lm_head/lora_A"]), np.asarray(flat["lm_head/lora_B"])
+    want = np.asarray(llama(IDS).logits) + 3.0 * (h @ a @ b)
+    np.testing.assert_allclose(np.asarray(gm(IDS).logits), want, atol=1e-4, rtol=1e-4)
+
+
+def test_from_pretrained_roundtrip_lora(llama, tmp_path):
+    gm = get_gralora_model(llama, LoRAConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["o_proj"]))
+    gm.save_pretrained(tmp_path)
+    again = GraLoRAModel.from_pretrained(llama, str(tmp_path))
+    np.testing.assert_array_equal(np.asarray(again(IDS).logits), np.asarray(gm(IDS).logits))
