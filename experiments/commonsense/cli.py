@@ -54,7 +54,7 @@ PAPER = dict(
     max_new_tokens=32, eval_before=False, eval_batch_size=32,
 )
 EMBEDDED = dict(
-    r=16, alpha=32, k=2, hybrid_r=0, dropout=0.0, lr=3e-3, epochs=1.0, batch_size=32, micro_batch_size=32,
+    r=32, alpha=64, k=2, hybrid_r=0, dropout=0.0, lr=5e-3, epochs=3.0, batch_size=32, micro_batch_size=32,
     cutoff_len=128, optimizer="adamw", warmup_ratio=0.1, eval_mode="generate", num_beams=1, mask_prompt=True,
     max_new_tokens=8, eval_before=True, eval_batch_size=64,
 )
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
             "GraLoRA/LoRA/full fine-tuning on commonsense_170k and evaluation on the eight LLM-Adapters tasks. "
             "With no --model: an embedded tiny random Llama + synthetic data (no network). Unset options take "
             "the paper's values with --model (r=64 alpha=128 k=4 dropout=0.05 lion lr=2e-4 batch 192 cutoff 256 "
-            "2 epochs, greedy generation) or small fast ones for the embedded default (r=16 alpha=32 k=2 adamw "
-            "lr=3e-3 batch 32 cutoff 128 1 epoch, --mask-prompt, greedy generation with 8 new tokens, and an "
+            "2 epochs, greedy generation) or small fast ones for the embedded default (r=32 alpha=64 k=2 adamw "
+            "lr=5e-3 batch 32 cutoff 128 3 epochs, --mask-prompt, greedy generation with 8 new tokens, and an "
             "evaluation before training too)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -153,14 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tasks", default="all", help=f"comma list of tasks (default all: {','.join(TASKS)})")
     a("--output-dir", default="outputs/commonsense")
     a("--method", choices=METHODS, default="gralora")
-    a("--r", type=int, help="rank (paper 64; embedded 16)")
-    a("--alpha", type=float, help="alpha (paper 128; embedded 32)")
+    a("--r", type=int, help="rank (paper 64; embedded 32)")
+    a("--alpha", type=float, help="alpha (paper 128; embedded 64)")
     a("--k", type=int, help="GraLoRA k (paper 4; embedded 2)")
     a("--hybrid-r", type=int, help="hybrid GraLoRA rank (default 0)")
     a("--dropout", type=float, help="adapter dropout (paper 0.05; embedded 0)")
     a("--target-modules", help=f"comma list (default {','.join(DEFAULT_TARGETS)})")
-    a("--lr", type=float, help="peak learning rate (paper 2e-4; embedded 3e-3)")
-    a("--epochs", type=float, help="epochs (paper 2; embedded 1)")
+    a("--lr", type=float, help="peak learning rate (paper 2e-4; embedded 5e-3)")
+    a("--epochs", type=float, help="epochs (paper 2; embedded 3)")
     a("--batch-size", type=int, help="global batch (paper 192; embedded 32)")
     a("--micro-batch-size", type=int, help="global micro-batch for gradient accumulation (paper 16; embedded 32)")
     a("--cutoff-len", type=int, help="max tokens per sequence (paper 256; embedded 128)")

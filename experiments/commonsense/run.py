@@ -63,11 +63,12 @@ def adapter_config(cfg: ExperimentConfig, base_name: str | None):
     from gralora_jax.config import GraLoRAConfig, LoRAConfig
 
     common = dict(target_modules=tuple(cfg.target_modules), base_model_name_or_path=base_name, task_type="CAUSAL_LM")
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha  # PEFT writes integral alphas as ints
     if cfg.method == "gralora":
-        return GraLoRAConfig(r=cfg.r, alpha=cfg.alpha, gralora_k=cfg.k, hybrid_r=cfg.hybrid_r,
+        return GraLoRAConfig(r=cfg.r, alpha=alpha, gralora_k=cfg.k, hybrid_r=cfg.hybrid_r,
                              gralora_dropout=cfg.dropout, **common)
     if cfg.method == "lora":
-        return LoRAConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common)
+        return LoRAConfig(r=cfg.r, lora_alpha=alpha, lora_dropout=cfg.dropout, **common)
     return None
 
 
@@ -152,12 +153,11 @@ def run(cfg: ExperimentConfig) -> dict:
     decoder = make_decoder(gm, tokenizer, cfg) if cfg.eval_mode == "generate" else None
 
     def evaluate(p) -> dict[str, eval_lib.TaskResult]:
-        with mesh:
-            return eval_lib.evaluate_all(
-                gm.logits_fn, p, tokenizer, eval_sets, mode=cfg.eval_mode, num_beams=cfg.num_beams,
-                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, cutoff_len=max(cfg.cutoff_len, 512),
-                mesh=mesh, generate_fn=decoder, log=_log,
-            )
+        return eval_lib.evaluate_all(
+            gm.logits_fn, p, tokenizer, eval_sets, mode=cfg.eval_mode, num_beams=cfg.num_beams,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, cutoff_len=max(cfg.cutoff_len, 512),
+            mesh=mesh, generate_fn=decoder, log=_log,
+        )
 
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "model": model_src, "train_data": train_src,
                                "eval_dir": eval_dir}
