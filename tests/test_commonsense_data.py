@@ -257,3 +257,10 @@ def test_presets_and_validation():
     assert mesh_size("4x2") == 8 and mesh_size("2x2x2") == 8
     with pytest.raises(ValueError):
         mesh_size("4by2")
+
+
+def test_iterator_process_rows_partition_the_global_batch():
+    exs = _examples(16)
+    full = next(D.BatchIterator(exs, 8, 0, (8,), seed=1))["input_ids"]
+    parts = [next(D.BatchIterator(exs, 8, 0, (8,), seed=1, rows=slice(i * 4, (i + 1) * 4)))["input_ids"] for i in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate(parts), full)

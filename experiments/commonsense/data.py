@@ -13,8 +13,9 @@ Records have the LLM-Adapters fields ``instruction``, ``input``, ``output``, ``a
   cutoff) that fits the longest row, so a jitted step compiles at most ``len(buckets)``
   times.
 * ``BatchIterator`` yields fixed-size global batches in a per-epoch permutation drawn from
-  ``(seed, epoch)``; ``state()`` / ``restore(state)`` give exact resumption (the training
-  engine's data-iterator contract).
+  ``(seed, epoch)`` (with ``rows``, only this process's share of each, for multi-host);
+  ``state()`` / ``restore(state)`` give exact resumption (the training engine's
+  data-iterator contract).
 
 >>> buckets(256)
 (16, 32, 64, 128, 256)
@@ -184,7 +185,8 @@ class BatchIterator:
     (2, (4, 8))
     """
 
-    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, bucket_sizes: Sequence[int], seed: int = 0):
+    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, bucket_sizes: Sequence[int],
+                 seed: int = 0, rows: slice | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if len(examples) < batch_size:
@@ -194,6 +196,7 @@ class BatchIterator:
         self.pad_id = pad_id
         self.bucket_sizes = tuple(bucket_sizes)
         self.seed = seed
+        self.rows = rows  # this process's rows of each global batch (multi-host); None = all
         self.epoch = 0
         self.batch = 0
         self._perm_epoch = -1
@@ -230,4 +233,5 @@ class BatchIterator:
         perm = self._permutation(self.epoch)
         idx = perm[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
         self.batch += 1
-        return pad_batch([self.examples[i] for i in idx], self.pad_id, self.bucket_sizes)
+        batch = pad_batch([self.examples[i] for i in idx], self.pad_id, self.bucket_sizes)  # same bucket on every host
+        return batch if self.rows is None else {k: v[self.rows] for k, v in batch.items()}

@@ -144,8 +144,11 @@ def run(cfg: ExperimentConfig) -> dict:
     # --- data
     records = data_lib.load_train_records(train_src)
     examples = data_lib.tokenize_records(tokenizer, records, cfg.cutoff_len, cfg.mask_prompt)
+    from gralora_jax.distributed import process_batch_slice
+
+    rows = process_batch_slice(cfg.batch_size) if jax.process_count() > 1 else None
     it = data_lib.BatchIterator(examples, cfg.batch_size, tokenizer.pad_token_id, data_lib.buckets(cfg.cutoff_len),
-                                seed=cfg.seed)
+                                seed=cfg.seed, rows=rows)
     steps = cfg.max_steps if cfg.max_steps is not None else max(1, int(round(cfg.epochs * it.steps_per_epoch)))
     eval_sets = data_lib.load_eval_sets(eval_dir, cfg.tasks, cfg.eval_limit)
     _log(f"{len(examples)} training sequences, {it.steps_per_epoch} steps/epoch, {steps} steps; mesh {dict(mesh.shape)}")
