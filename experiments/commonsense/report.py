@@ -40,7 +40,7 @@ def plot(results: Mapping[str, Any], path: str | pathlib.Path, title: str = "") 
     names = list(after) + ["average"]
     vals = [100 * after[t] for t in after] + [100 * results["after"]["average"]]
     before = results.get("before")
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(names) + 2), 4))
     x = range(len(names))
     w = 0.4 if before else 0.7
     if before:
@@ -57,9 +57,9 @@ def plot(results: Mapping[str, Any], path: str | pathlib.Path, title: str = "") 
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)
     ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
