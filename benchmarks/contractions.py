@@ -9,6 +9,9 @@ benchmark-only patch: the library files are untouched).
 * ``library``  the library's two batched einsums (the default)
 * ``unrolled`` a Python loop over blocks: ``k`` plain 2-D matmuls for A, ``k`` for B, then a
   concatenation; exactly the same products and sums, no batched dot or transposed output
+* ``remat``    the library's arithmetic inside ``jax.checkpoint`` (nothing saved): the backward
+  pass keeps the layer's bf16 input instead of its float32 copy and the ``k*r`` latents, and
+  recomputes the cheap A-side product; exact (the bf16 -> f32 cast is exact)
 * ``bf16``     NOT exact: the adapter matmuls take bf16 operands (float32 accumulation)
   instead of casting ``x`` to float32; shows what float32 adapter math costs
 
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 
 from gralora_jax import layers
 
-CONTRACTIONS = ("library", "unrolled", "bf16")
+CONTRACTIONS = ("library", "unrolled", "bf16", "remat")
 
 
 def gralora_blocks_unrolled(x, A, B, precision=None):
@@ -68,6 +71,17 @@ def _adapter_output_bf16(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=N
     return scaling * dot(dot(xb, A).astype(bf), B)
 
 
+def _remat_adapter_output(library_fn):
+    def adapter_output(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=None, precision=None):
+        def f(x, adapter, dropout_rng):
+            return library_fn(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                              precision=precision)
+
+        return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)(x, dict(adapter), dropout_rng)
+
+    return adapter_output
+
+
 @contextlib.contextmanager
 def use(name: str):
     """Run the enclosed tracing with contraction ``name`` (one of :data:`CONTRACTIONS`)."""
@@ -79,6 +93,8 @@ def use(name: str):
             layers.gralora_blocks = gralora_blocks_unrolled
         elif name == "bf16":
             layers.adapter_output = _adapter_output_bf16
+        elif name == "remat":
+            layers.adapter_output = _remat_adapter_output(saved[1])
         yield
     finally:
         layers.gralora_blocks, layers.adapter_output = saved

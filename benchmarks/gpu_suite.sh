@@ -25,10 +25,11 @@ rest)  # after main1b ran out of time at gralora2: the remaining 1b methods, PEF
   ) 2>&1 | tee "$OUT/log_rest.txt"
   ;;
 variants)
-  ( $B --shape 1b --steps 10 --warmup 3 --no-peft --methods lora,gralora4 --loss chunked --out "$OUT/h200_1b_chunked"
+  ( $B --shape 1b --steps 10 --warmup 3 --methods lora,gralora4 --attn cudnn --loss chunked --out "$OUT/h200_1b_cudnn_chunked"
+    $B --shape 1b --steps 10 --warmup 3 --no-peft --methods lora,gralora4 --contraction remat --out "$OUT/h200_1b_remat_adapter"
     $B --shape 1b --steps 10 --warmup 3 --no-peft --methods gralora4 --contraction unrolled --out "$OUT/h200_1b_unrolled"
     $B --shape 1b --steps 10 --warmup 3 --no-peft --methods lora,gralora4 --contraction bf16 --out "$OUT/h200_1b_bf16"
-    $B --shape 8b --steps 5 --warmup 2 --remat full --methods lora,gralora4,full --out "$OUT/h200_8b_remat"
+    $B --shape 8b --steps 5 --warmup 2 --remat full --loss chunked --methods lora,gralora4,full --out "$OUT/h200_8b_remat"
   ) 2>&1 | tee "$OUT/log_variants.txt"
   ;;
 scaling)
