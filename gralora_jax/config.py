@@ -236,6 +236,7 @@ def config_from_peft_dict(d: dict[str, Any], *, authors_convention: bool = False
 
 
 def load_adapter_config(directory: Union[str, os.PathLike], **kw) -> AdapterConfig:
+    """Read ``adapter_config.json`` from a PEFT adapter directory (``kw`` as in :func:`config_from_peft_dict`)."""
     path = os.path.join(directory, "adapter_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter_config.json in {directory}")

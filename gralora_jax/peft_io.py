@@ -31,7 +31,7 @@ from typing import Any, Mapping, Union
 import numpy as np
 
 from gralora_jax import tree as tree_lib
-from gralora_jax.config import AdapterConfig, config_from_peft_dict
+from gralora_jax.config import AdapterConfig, load_adapter_config
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -128,15 +128,7 @@ def load_adapter(directory: Union[str, os.PathLike], *, authors_convention: bool
     """Read a PEFT adapter directory -> ``(config, adapter sub-tree)``."""
     from gralora_jax.loading import read_safetensors_file
 
-    cfg_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}")
-    with open(cfg_path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-    config = config_from_peft_dict(d, authors_convention=authors_convention)
+    config = load_adapter_config(directory, authors_convention=authors_convention)
     w = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isfile(w):
         sd = read_safetensors_file(w)
