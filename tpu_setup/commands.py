@@ -137,22 +137,16 @@ def create_commands(target: Target, opts: CreateOptions) -> list[list[str]]:
     else:
         cmd = [*_TPU_VM, "create", target.name, *target.scope_flags()]
         cmd += [f"--accelerator-type={opts.accelerator_type}", f"--version={version}"]
-    if opts.spot:
-        cmd.append("--spot")
-    if opts.preemptible:
-        cmd.append("--preemptible")
-    if opts.network:
-        cmd.append(f"--network={opts.network}")
-    if opts.subnetwork:
-        cmd.append(f"--subnetwork={opts.subnetwork}")
-    if opts.valid_until_duration:
-        cmd.append(f"--valid-until-duration={opts.valid_until_duration}")
-    if opts.description:
-        cmd.append(f"--description={opts.description}")
-    if opts.service_account:
-        cmd.append(f"--service-account={opts.service_account}")
-    if opts.scopes:
-        cmd.append(f"--scopes={opts.scopes}")
+    cmd += [flag for flag, on in (("--spot", opts.spot), ("--preemptible", opts.preemptible)) if on]
+    valued = (
+        ("network", opts.network),
+        ("subnetwork", opts.subnetwork),
+        ("valid-until-duration", opts.valid_until_duration),
+        ("description", opts.description),
+        ("service-account", opts.service_account),
+        ("scopes", opts.scopes),
+    )
+    cmd += [f"--{name}={value}" for name, value in valued if value]
     return [cmd]
 
 
