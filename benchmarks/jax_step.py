@@ -38,26 +38,33 @@ def _peak_bytes() -> Optional[int]:
 def random_params(model, key, shardings=None, std: float = 0.02):
     """Random base weights of ``model``'s shapes: norms 1, everything else ``normal(0, std)``.
 
-    One jitted RNG program per leaf set, without tracing the model's forward pass as
-    ``model.init_params`` does (that compile alone took ~100 s for the 1b shape on the H200).
+    One small jitted RNG program per distinct (shape, dtype, sharding), reused across leaves
+    (a Llama has ~9 distinct shapes), without tracing the model's forward pass as
+    ``model.init_params`` does (that compile alone took ~100 s for the 1b shape on the H200,
+    and one program producing every leaf still spent most of the ~100 s of setup seen there).
     """
     from gralora_jax import tree as tree_lib
 
     flat = tree_lib.flatten(model.params_shape_tree)
+    flat_sh = tree_lib.flatten(shardings) if shardings is not None else {}
     names = sorted(flat)
-
-    def init(key):
-        keys = jax.random.split(key, len(names))
-        out = {}
-        for k, p in zip(keys, names):
-            s = flat[p]
-            if p.endswith("norm/weight"):
-                out[p] = jnp.ones(s.shape, s.dtype)
+    keys = jax.random.split(key, len(names))
+    programs = {}
+    out = {}
+    for k, p in zip(keys, names):
+        s = flat[p]
+        ones = p.endswith("norm/weight")
+        sh = flat_sh.get(p)
+        sig = (tuple(s.shape), jnp.dtype(s.dtype).name, ones, sh)
+        if sig not in programs:
+            shape, dtype = tuple(s.shape), s.dtype
+            if ones:
+                fn = lambda _k, shape=shape, dtype=dtype: jnp.ones(shape, dtype)
             else:
-                out[p] = std * jax.random.normal(k, s.shape, s.dtype)
-        return tree_lib.unflatten(out)
-
-    return jax.jit(init, out_shardings=shardings)(key)
+                fn = lambda k_, shape=shape, dtype=dtype: (std * jax.random.normal(k_, shape, jnp.float32)).astype(dtype)
+            programs[sig] = jax.jit(fn, out_shardings=sh)
+        out[p] = programs[sig](k)
+    return tree_lib.unflatten(out)
 
 
 def run_jax(
