@@ -12,9 +12,18 @@ Two regimes:
   (transformers' convention: the window counts the query itself).
 
 GQA is native to ``jax.nn.dot_product_attention`` (K/V are not repeated). Its XLA path
-computes logits in float32 and the softmax in float32. Gemma2's logit soft-capping is not
-expressible there, so :func:`softcap_attention` is a small einsum implementation with the
-same masking and float32 softmax.
+computes logits in float32 and the softmax in float32, and materialises the ``[B, N, T, S]``
+probabilities (kept for the backward pass); cuDNN's fused (flash) kernel keeps none.
+
+Implementation choice (``implementation``): ``"xla"`` and ``"cudnn"`` force one;
+``None`` (the models' default) picks cuDNN where it applies -- the default backend is a GPU,
+bf16/fp16 inputs, head_dim a multiple of 8 up to 128, the no-cache path with no boolean key
+mask (causality, sliding window and right-padding lengths are native to cuDNN) -- and XLA
+everywhere else (CPU, TPU, float32, decoding with a cache, left padding). jax's own ``None``
+still means XLA, hence this choice here (:func:`choose_implementation`).
+
+Gemma2's logit soft-capping is expressible in neither, so :func:`softcap_attention` is a small
+einsum implementation with the same masking and float32 softmax.
 """
 
 from __future__ import annotations
@@ -38,6 +47,37 @@ def cache_mask(kv_valid, cache_index, q_len: int, window: Optional[int] = None):
     if window is not None:
         allowed = allowed & (k_slot > q_slot - window)
     return kv_valid[:, None, None, :] & allowed[None, None]
+
+
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def choose_implementation(requested: Optional[str], q, *, key_mask=None, full_mask=None,
+                          backend: Optional[str] = None) -> str:
+    """``"xla"`` or ``"cudnn"`` for one attention call (see the module docstring).
+
+    >>> import jax.numpy as jnp
+    >>> q = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
+    >>> choose_implementation(None, q, backend="gpu"), choose_implementation(None, q, backend="cpu")
+    ('cudnn', 'xla')
+    >>> choose_implementation(None, q.astype(jnp.float32), backend="gpu")
+    'xla'
+    """
+    if requested is not None:
+        if requested not in ("xla", "cudnn"):
+            raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {requested!r}")
+        return requested
+    backend = backend or jax.default_backend()
+    head_dim = q.shape[-1]
+    ok = (
+        backend == "gpu"
+        and q.dtype in _CUDNN_DTYPES
+        and head_dim % 8 == 0
+        and head_dim <= 128
+        and key_mask is None
+        and full_mask is None
+    )
+    return "cudnn" if ok else "xla"
 
 
 def _full_mask(q_len, kv_len, window, key_mask):
@@ -76,6 +116,7 @@ def attention(
             if kv_lengths is not None:
                 full_mask = full_mask & (jnp.arange(k.shape[1])[None, None, None, :] < kv_lengths[:, None, None, None])
         return softcap_attention(q, k, v, full_mask, scale=scale, softcap=softcap)
+    implementation = choose_implementation(implementation, q, key_mask=key_mask, full_mask=full_mask)
     if full_mask is not None:
         return jax.nn.dot_product_attention(q, k, v, mask=full_mask, scale=scale, implementation=implementation)
     kw = {}

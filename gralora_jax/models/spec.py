@@ -71,7 +71,7 @@ class DecoderSpec:
     initializer_range: float = 0.02  # std of the normal init of kernels and embeddings
     scan_layers: bool = False  # nn.scan over layers (params under model/layers/scan, leading layer axis)
     remat_policy: str = "none"  # jax.checkpoint policy per layer, one of REMAT_POLICIES
-    attn_implementation: Optional[str] = None  # jax.nn.dot_product_attention implementation (None/"xla"/"cudnn")
+    attn_implementation: Optional[str] = None  # None: cuDNN on GPU where it applies, else XLA; or force "xla"/"cudnn"
     attention_mask_mode: str = "mask"  # "mask": any padding; "lengths": right padding only, cuDNN-friendly
 
     def __post_init__(self):
