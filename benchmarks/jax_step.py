@@ -12,13 +12,17 @@ the device, as in a training loop). Peak memory is the device allocator's
 ``peak_bytes_in_use`` for the whole process (one method per process).
 ``loss="chunked"`` uses :func:`gralora_jax.models.losses.chunked_cross_entropy` on the final
 hidden state instead of materialising the float32 ``[B, T, vocab]`` logits.
+
+The steps after the model and its weights exist (surgery :func:`apply_method`, the loss
+:func:`make_loss_fn`, optimizer, compile and timing :func:`time_method`) are shared with
+:mod:`benchmarks.hf_flax_step`, which runs the same path on transformers' ``FlaxLlamaForCausalLM``.
 """
 
 from __future__ import annotations
 
 import time
 import types
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,77 +71,100 @@ def random_params(model, key, shardings=None, std: float = 0.02):
     return tree_lib.unflatten(out)
 
 
-def run_jax(
-    shape: Shape,
-    method: Method,
-    *,
-    batch: int,
-    seq: int,
-    steps: int,
-    warmup: int,
-    remat: str = "none",
-    mesh: str = "1x1",
-    loss: str = "full",
-    attn: Optional[str] = None,
-    contraction: str = "library",
-    seed: int = 0,
-    profile_dir: Optional[str] = None,
-) -> dict:
+def adapter_config(method: Method):
+    """The library adapter config of an adapter ``method`` on all seven projections."""
     from gralora_jax.config import GraLoRAConfig, LoRAConfig
-    from gralora_jax.losses import causal_lm_loss
-    from gralora_jax.models import CausalLM
-    from gralora_jax.models.losses import chunked_cross_entropy
-    from gralora_jax.optim import OptimConfig, make_optimizer
-    from gralora_jax.sharding import batch_sharding, make_mesh, named_shardings, param_partition_specs, parse_mesh
-    from gralora_jax.surgery import get_gralora_model
-    from gralora_jax.train import init_train_state, make_train_step
-    from gralora_jax import tree as tree_lib
 
-    t_setup = time.perf_counter()
-    n_dev = int(np.prod(list(parse_mesh(mesh).values())))
-    mesh_ = make_mesh(mesh, jax.devices()[:n_dev])
-    # a plain attribute bag read by spec_from_hf_config: no dependence on the installed
-    # transformers' config classes (the GPU image has transformers 5)
-    cfg = types.SimpleNamespace(model_type="llama", rope_scaling=None, initializer_range=0.02,
-                                **shape.hf_config_kwargs())
-    model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=remat,
-                             attn_implementation=attn)
-    base_specs = param_partition_specs(model.params_shape_tree, "llama", mesh_)
-    phases = {}  # setup phase -> seconds (the GPU runs showed ~80 s of setup at 1b; this says where)
-    t_phase = time.perf_counter()
-    params = random_params(model, jax.random.PRNGKey(seed), named_shardings(mesh_, base_specs))
-    jax.block_until_ready(params)
-    phases["init_params"] = time.perf_counter() - t_phase
-    t_phase = time.perf_counter()
+    if method.kind == "lora":
+        return LoRAConfig(r=method.r, lora_alpha=method.alpha, target_modules=list(PROJ))
+    if method.kind == "gralora":
+        return GraLoRAConfig(r=method.r, alpha=method.alpha, gralora_k=method.k, hybrid_r=method.hybrid_r,
+                             target_modules=list(PROJ))
+    raise ValueError(f"{method.name} trains no adapters")
+
+
+def apply_method(model, params, method: Method, seed: int):
+    """``(forward, params, mask)``: ``get_gralora_model`` for adapter methods (forward is the
+    :class:`GraLoRAModel`, mask its trainable mask), else the bare model and an all-True mask."""
+    from gralora_jax.surgery import get_gralora_model
 
     if method.trains_adapters:
-        if method.kind == "lora":
-            acfg = LoRAConfig(r=method.r, lora_alpha=method.alpha, target_modules=list(PROJ))
-        else:
-            acfg = GraLoRAConfig(r=method.r, alpha=method.alpha, gralora_k=method.k, hybrid_r=method.hybrid_r,
-                                 target_modules=list(PROJ))
-        gm = get_gralora_model(model, acfg, params=params, rng=jax.random.PRNGKey(seed + 1))
-        params, mask = gm.params, gm.trainable_mask()
-        forward = gm
-    else:
-        mask = jax.tree.map(lambda _: True, params)
-        forward = model
+        gm = get_gralora_model(model, adapter_config(method), params=params, rng=jax.random.PRNGKey(seed + 1))
+        return gm, gm.params, gm.trainable_mask()
+    return model, params, jax.tree.map(lambda _: True, params)
+
+
+def make_loss_fn(loss: str, logits: Callable, hidden: Callable, head_kernel: Callable) -> Callable:
+    """``loss_fn(params, batch, rng, train) -> (loss, {})`` of next-token prediction on ``input_ids``.
+
+    ``loss="full"``: :func:`gralora_jax.losses.causal_lm_loss` on ``logits(params, ids)``;
+    ``"chunked"``: :func:`gralora_jax.models.losses.chunked_cross_entropy` of
+    ``hidden(params, ids)`` (final, normed hidden state) against ``head_kernel(params)``
+    (``[hidden, vocab]``), 1024 tokens at a time.
+    """
+    from gralora_jax.losses import causal_lm_loss
+    from gralora_jax.models.losses import chunked_cross_entropy
+
+    if loss not in ("full", "chunked"):
+        raise ValueError(f"loss must be 'full' or 'chunked', got {loss!r}")
 
     def loss_fn(p, batch_, rng, train):
         ids = batch_["input_ids"]
         if loss == "chunked":
-            out = forward(ids, params=p, compute_logits=False)
             # position t predicts ids[t + 1]; the last position predicts nothing (label -1)
             labels = jnp.concatenate([ids[:, 1:], jnp.full((ids.shape[0], 1), -1, ids.dtype)], axis=1)
-            value = chunked_cross_entropy(out.last_hidden_state, model.lm_head_kernel(p), labels, chunk_size=1024)
+            value = chunked_cross_entropy(hidden(p, ids), head_kernel(p), labels, chunk_size=1024)
         else:
-            value, _ = causal_lm_loss(forward(ids, params=p).logits, ids)
+            value, _ = causal_lm_loss(logits(p, ids), ids)
         return value, {}
 
+    return loss_fn
+
+
+def bench_mesh(mesh: str):
+    """``make_mesh(mesh)`` on the first ``prod(mesh)`` devices (e.g. ``"2x1"``: data=2, model=1)."""
+    from gralora_jax.sharding import make_mesh, parse_mesh
+
+    n_dev = int(np.prod(list(parse_mesh(mesh).values())))
+    return make_mesh(mesh, jax.devices()[:n_dev])
+
+
+def random_batch(shape: Shape, batch: int, seq: int, seed: int, mesh_) -> dict:
+    """``{"input_ids": [batch, seq] int32}`` uniform over the vocabulary, placed on ``mesh_``'s data axes."""
+    from gralora_jax.sharding import batch_sharding
+
     ids = jax.random.randint(jax.random.PRNGKey(seed + 2), (batch, seq), 0, shape.vocab, jnp.int32)
-    data = {"input_ids": jax.device_put(ids, batch_sharding(mesh_))}
-    jax.block_until_ready(params)
-    phases["surgery"] = time.perf_counter() - t_phase
+    return {"input_ids": jax.device_put(ids, batch_sharding(mesh_))}
+
+
+def time_method(
+    method: Method,
+    loss_fn: Callable,
+    params,
+    mask,
+    data: dict,
+    mesh_,
+    *,
+    steps: int,
+    warmup: int,
+    contraction: str = "library",
+    profile_dir: Optional[str] = None,
+    t_setup: float,
+    phases: dict,
+) -> dict:
+    """Compile and time one method's step; the part shared by every jax stack.
+
+    ``frozen``: a jitted ``loss_fn`` (forward + loss). Otherwise ``make_optimizer`` (AdamW over
+    ``mask``; ``full`` trains everything), ``make_train_step`` and ``init_train_state`` on
+    ``mesh_`` with the llama sharding rules. ``t_setup`` is when the caller's setup began
+    (``time.perf_counter()``); ``phases`` (setup phase -> seconds) gains ``train_state``.
+    Returns the result dict of :func:`run_jax` (without stack-specific ``versions``).
+    """
+    from gralora_jax.optim import OptimConfig, make_optimizer
+    from gralora_jax.sharding import param_partition_specs
+    from gralora_jax.train import init_train_state, make_train_step
+    from gralora_jax import tree as tree_lib
+
     specs = param_partition_specs(params, "llama", mesh_)
     flat_mask = tree_lib.flatten(mask)
     n_train = sum(int(np.prod(v.shape)) for p, v in tree_lib.flatten(params).items() if flat_mask[p])
@@ -207,8 +234,55 @@ def run_jax(
         "xla_argument_bytes": getattr(mem, "argument_size_in_bytes", None) if mem is not None else None,
         "trainable_params": n_train if method.kind != "frozen" else 0,
         "loss": loss_value,
-        "devices": n_dev,
+        "devices": int(mesh_.devices.size),
         "device_kind": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__},
     }
 
+
+def run_jax(
+    shape: Shape,
+    method: Method,
+    *,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    remat: str = "none",
+    mesh: str = "1x1",
+    loss: str = "full",
+    attn: Optional[str] = None,
+    contraction: str = "library",
+    seed: int = 0,
+    profile_dir: Optional[str] = None,
+) -> dict:
+    from gralora_jax.models import CausalLM
+    from gralora_jax.sharding import named_shardings, param_partition_specs
+
+    t_setup = time.perf_counter()
+    mesh_ = bench_mesh(mesh)
+    # a plain attribute bag read by spec_from_hf_config: no dependence on the installed
+    # transformers' config classes (the GPU image has transformers 5)
+    cfg = types.SimpleNamespace(model_type="llama", rope_scaling=None, initializer_range=0.02,
+                                **shape.hf_config_kwargs())
+    model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=remat,
+                             attn_implementation=attn)
+    base_specs = param_partition_specs(model.params_shape_tree, "llama", mesh_)
+    phases = {}  # setup phase -> seconds (the GPU runs showed ~80 s of setup at 1b; this says where)
+    t_phase = time.perf_counter()
+    params = random_params(model, jax.random.PRNGKey(seed), named_shardings(mesh_, base_specs))
+    jax.block_until_ready(params)
+    phases["init_params"] = time.perf_counter() - t_phase
+    t_phase = time.perf_counter()
+    forward, params, mask = apply_method(model, params, method, seed)
+    loss_fn = make_loss_fn(
+        loss,
+        logits=lambda p, ids: forward(ids, params=p).logits,
+        hidden=lambda p, ids: forward(ids, params=p, compute_logits=False).last_hidden_state,
+        head_kernel=model.lm_head_kernel,
+    )
+    data = random_batch(shape, batch, seq, seed, mesh_)
+    jax.block_until_ready(params)
+    phases["surgery"] = time.perf_counter() - t_phase
+    return time_method(method, loss_fn, params, mask, data, mesh_, steps=steps, warmup=warmup,
+                       contraction=contraction, profile_dir=profile_dir, t_setup=t_setup, phases=phases)

@@ -14,6 +14,9 @@ A *method* is a short name parsed by :func:`parse_method`:
 * ``gralora<k>h<h>`` Hybrid GraLoRA: ``r = rank - h`` block rank plus a shared rank-``h`` LoRA,
   so the trainable parameter count equals LoRA of rank ``--rank``
 * a ``peft_`` prefix (``peft_lora``, ``peft_gralora4``) runs the same method in PyTorch + PEFT.
+* an ``hf_`` prefix (``hf_frozen``, ``hf_lora``, ``hf_gralora4``, ``hf_full``) runs the same method
+  on transformers' own ``FlaxLlamaForCausalLM`` (jax, same surgery, optimizer and train step as
+  ours; backend ``"hf"``, see :mod:`benchmarks.hf_flax_step`). Same model FLOPs as without the prefix.
 
 >>> parse_method("gralora4h16", rank=64, alpha=128)
 Method(name='gralora4h16', kind='gralora', r=48, k=4, hybrid_r=16, alpha=128, backend='jax')
@@ -123,7 +126,7 @@ class Method:
     k: int = 1  # gralora_k
     hybrid_r: int = 0  # GraLoRA hybrid rank
     alpha: float = 0.0  # lora_alpha / GraLoRA alpha
-    backend: str = "jax"  # "jax" (ours) or "peft" (PyTorch + PEFT)
+    backend: str = "jax"  # "jax" (ours), "peft" (PyTorch + PEFT) or "hf" (transformers' FlaxLlama)
 
     @property
     def trains_adapters(self) -> bool:
@@ -135,14 +138,21 @@ class Method:
 
 
 _GRALORA = re.compile(r"^gralora(\d+)(?:h(\d+))?$")
+_BACKEND_PREFIXES = {"peft_": "peft", "hf_": "hf"}  # name prefix -> backend
 
 
 def parse_method(name: str, *, rank: int = 64, alpha: float = 128) -> Method:
-    """See the module docstring for the names."""
+    """See the module docstring for the names.
+
+    >>> parse_method("hf_lora", rank=8, alpha=16)
+    Method(name='hf_lora', kind='lora', r=8, k=1, hybrid_r=0, alpha=16, backend='hf')
+    """
     backend = "jax"
     base = name
-    if name.startswith("peft_"):
-        backend, base = "peft", name[len("peft_"):]
+    for prefix, b in _BACKEND_PREFIXES.items():
+        if name.startswith(prefix):
+            backend, base = b, name[len(prefix):]
+            break
     if base in ("frozen", "full"):
         if backend == "peft" and base == "full":
             raise ValueError("peft_full is not a PEFT method; use 'full' (ours)")
@@ -159,8 +169,24 @@ def parse_method(name: str, *, rank: int = 64, alpha: float = 128) -> Method:
             raise ValueError(f"{name}: block rank {r} must be divisible by k={k}")
         return Method(name, "gralora", r=r, k=k, hybrid_r=h, alpha=alpha, backend=backend)
     raise ValueError(
-        f"unknown method {name!r}: use frozen, full, lora, gralora<k>, gralora<k>h<h>, optionally prefixed by peft_"
+        f"unknown method {name!r}: use frozen, full, lora, gralora<k>, gralora<k>h<h>, optionally prefixed by peft_ or hf_"
     )
+
+
+def hf_unsupported(remat: str, attn: Optional[str]) -> Optional[str]:
+    """Why transformers' FlaxLlama (the ``hf_`` methods) cannot run with these options, or None.
+
+    Kept free of jax so that the benchmark's parent process can check without importing it.
+
+    >>> hf_unsupported("none", None) is None, hf_unsupported("full", None)[:12]
+    (True, "remat='full'")
+    """
+    if remat != "none":
+        return (f"remat={remat!r}: transformers' FlaxLlamaForCausalLM (4.57.6) has no gradient checkpointing "
+                "option; run the hf_ methods with --remat none")
+    if attn is not None:
+        return f"attn={attn!r} selects our attention only; FlaxLlama has its own (use no --attn)"
+    return None
 
 
 def adapter_params(shape: Shape, method: Method) -> int:

@@ -11,8 +11,18 @@ collects one JSON line per child and writes ``<out>.json`` (raw numbers) and ``<
 GraLoRA / our LoRA, ours / PEFT).
 
 With ``--peft`` (default: when torch and peft import) each adapter method also runs as
-``peft_<method>`` (and ``frozen`` as ``peft_frozen``). See :mod:`benchmarks.shapes` for the
-method names and the FLOP count, :mod:`benchmarks.jax_step` and :mod:`benchmarks.peft_step`
+``peft_<method>`` (and ``frozen`` as ``peft_frozen``). With ``--hf`` (default off) each of our
+methods is followed by ``hf_<method>``: the same surgery, optimizer and train step on
+transformers' own ``FlaxLlamaForCausalLM`` (stack "transformers FlaxLlama (jax)"); the table then
+gains a column "ours vs HF Flax" (our tokens/s over its, our compile time over its; JSON field
+``ours_vs_hf``). transformers 5 has no Flax: ``--hf-pythonpath DIR`` (default: the environment
+variable ``BENCH_HF_PYTHONPATH``) is prepended to ``PYTHONPATH`` of the ``hf_`` children only,
+e.g. a folder holding transformers 4.57.6 installed with ``pip install --target``.
+``--budget S`` bounds the whole run: each child gets at most what is left of ``S`` seconds, and
+methods that would start with less than 15 s left are recorded as skipped.
+
+See :mod:`benchmarks.shapes` for the method names and the FLOP count,
+:mod:`benchmarks.jax_step`, :mod:`benchmarks.hf_flax_step` and :mod:`benchmarks.peft_step`
 for what exactly is timed.
 """
 
@@ -30,10 +40,11 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
-from benchmarks.shapes import (SHAPES, default_peak, parse_method, train_flops_per_token,
+from benchmarks.shapes import (SHAPES, default_peak, hf_unsupported, parse_method, train_flops_per_token,
                                trainable_params)
 
 RESULT_TAG = "RESULT_JSON "
+MIN_CHILD_S = 15.0  # with --budget: a method is skipped when less than this is left
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,10 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--contraction", default="library", help="our adapter arithmetic (benchmarks.contractions)")
     ap.add_argument("--peft", dest="peft", action="store_true", default=None)
     ap.add_argument("--no-peft", dest="peft", action="store_false")
+    ap.add_argument("--hf", action="store_true", help="also run hf_<m> (transformers FlaxLlama) after each method")
+    ap.add_argument("--hf-pythonpath", default=None,
+                    help="prepended to PYTHONPATH of hf_ children only (default: $BENCH_HF_PYTHONPATH)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: H200 bf16 datasheet)")
     ap.add_argument("--measure-matmul", action="store_true", help="also time a large bf16 matmul (device ceiling)")
     ap.add_argument("--inprocess", action="store_true", help="run methods in this process (tests; memory mixes)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all children together (each gets min(--timeout, what is left))")
     ap.add_argument("--out", default=None, help="write <out>.json and <out>.md")
     ap.add_argument("--label", default="", help="free text stored with the results")
     ap.add_argument("--profile", default="", help="comma list of our methods to trace (jax.profiler, 2 steps)")
@@ -71,11 +87,19 @@ def _peft_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("torch", "peft", "transformers"))
 
 
-def expand_methods(names: Sequence[str], peft: bool) -> list[str]:
-    """Add ``peft_<m>`` after each adapter method (and ``frozen``) when ``peft``."""
+def expand_methods(names: Sequence[str], peft: bool, hf: bool = False) -> list[str]:
+    """With ``hf``, ``hf_<m>`` right after each of our methods (pairs survive a cut-short run);
+    with ``peft``, ``peft_<m>`` for each adapter method (and ``frozen``) at the end.
+
+    >>> expand_methods(["frozen", "lora", "full"], peft=True, hf=True)
+    ['frozen', 'hf_frozen', 'lora', 'hf_lora', 'full', 'hf_full', 'peft_frozen', 'peft_lora']
+    """
     out = []
     for n in names:
-        out.append(n)
+        if n not in out:
+            out.append(n)
+        if hf and parse_method(n).backend == "jax" and f"hf_{n}" not in out:
+            out.append(f"hf_{n}")
     if peft:
         for n in names:
             m = parse_method(n)
@@ -112,11 +136,14 @@ def run_worker(args) -> dict:
 
         res = run_peft(shape, method, **common)
     else:
-        from benchmarks.jax_step import run_jax
+        if method.backend == "hf":
+            from benchmarks.hf_flax_step import run_hf as run
+        else:
+            from benchmarks.jax_step import run_jax as run
 
         prof = os.path.join(args.profile_dir, method.name) if method.name in args.profile.split(",") else None
-        res = run_jax(shape, method, mesh=args.mesh, loss=args.loss, attn=args.attn,
-                      contraction=args.contraction, profile_dir=prof, **common)
+        res = run(shape, method, mesh=args.mesh, loss=args.loss, attn=args.attn,
+                  contraction=args.contraction, profile_dir=prof, **common)
         if prof:
             from benchmarks.trace_summary import summarize
 
@@ -139,12 +166,24 @@ def _child_argv(args, method: str) -> list[str]:
 _CACHE_DIR: Optional[str] = None
 
 
-def _child_env() -> dict:
+def hf_pythonpath(args) -> Optional[str]:
+    """``--hf-pythonpath``, else ``$BENCH_HF_PYTHONPATH``, else None (empty counts as unset)."""
+    value = args.hf_pythonpath if getattr(args, "hf_pythonpath", None) else os.environ.get("BENCH_HF_PYTHONPATH")
+    return value or None
+
+
+def _child_env(method: str = "", hf_path: Optional[str] = None) -> dict:
     """Children of one run share a fresh persistent XLA compilation cache: programs common to all
     methods (random init, adapter insertion, optimizer init) compile once per run; each method's
-    train step is a different program, so its ``compile_s`` is still a real compile."""
+    train step is a different program, so its ``compile_s`` is still a real compile.
+
+    ``hf_`` children (only those) get ``hf_path`` in front of ``PYTHONPATH``: transformers 4.x for
+    FlaxLlama where the installed one (transformers 5, wanted by peft) has no Flax."""
     global _CACHE_DIR
     env = dict(os.environ)
+    if hf_path and method.startswith("hf_"):
+        old = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = hf_path + (os.pathsep + old if old else "")
     if "JAX_COMPILATION_CACHE_DIR" not in env:
         if _CACHE_DIR is None:
             _CACHE_DIR = tempfile.mkdtemp(prefix="bench_jax_cache_")
@@ -154,13 +193,15 @@ def _child_env() -> dict:
     return env
 
 
-def _run_child(args, method: str) -> dict:
+def _run_child(args, method: str, timeout: Optional[float] = None) -> dict:
+    timeout = args.timeout if timeout is None else timeout
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(_child_argv(args, method), capture_output=True, text=True, timeout=args.timeout,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=_child_env())
+        proc = subprocess.run(_child_argv(args, method), capture_output=True, text=True, timeout=timeout,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              env=_child_env(method, hf_pythonpath(args)))
     except subprocess.TimeoutExpired as e:
-        return {"method": method, "error": f"timeout after {args.timeout}s", "tail": str(e.stderr)[-2000:]}
+        return {"method": method, "error": f"timeout after {timeout:.0f}s", "tail": str(e.stderr)[-2000:]}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             res = json.loads(line[len(RESULT_TAG):])
@@ -168,7 +209,16 @@ def _run_child(args, method: str) -> dict:
             return res
     err = (proc.stderr or "")[-3000:]
     oom = any(s in err for s in ("RESOURCE_EXHAUSTED", "OutOfMemory", "out of memory", "Out of memory"))
-    return {"method": method, "error": "out of memory" if oom else f"exit code {proc.returncode}", "tail": err}
+    last = next((line.strip() for line in reversed(err.splitlines()) if line.strip()), "")
+    error = "out of memory" if oom else f"exit code {proc.returncode}" + (f": {last[:200]}" if last else "")
+    return {"method": method, "error": error, "tail": err}
+
+
+def refused(args, method: str) -> Optional[str]:
+    """Why ``method`` cannot run with these options (checked before starting a child; no jax import), or None."""
+    if parse_method(method).backend != "hf":
+        return None
+    return hf_unsupported(args.remat, args.attn)
 
 
 def derive(res: dict, args, peak_flops: float) -> dict:
@@ -189,16 +239,27 @@ def derive(res: dict, args, peak_flops: float) -> dict:
 
 
 def add_ratios(results: list[dict]) -> None:
-    """``vs_lora`` (our step time / our LoRA's; peak memory likewise) and ``vs_peft`` (our tokens/s / PEFT's)."""
+    """``vs_lora`` (step time / the same stack's LoRA's, ours and hf; peak memory likewise),
+    ``vs_peft`` (our tokens/s / PEFT's) and ``ours_vs_hf`` (our tokens/s / transformers FlaxLlama's,
+    our compile time / its, our peak memory / its)."""
     by = {r["method"]: r for r in results if "error" not in r and "step_s" in r}
-    lora = by.get("lora")
+    prefixes = {"jax": "", "hf": "hf_"}
     for r in results:
         if "error" in r or "step_s" not in r:
             continue
-        if r.get("backend") == "jax" and lora and r["method"].startswith("gralora"):
+        prefix = prefixes.get(r.get("backend"))
+        lora = by.get(f"{prefix}lora") if prefix is not None else None
+        if lora and r["method"].startswith(f"{prefix}gralora"):
             r["step_vs_lora"] = r["step_s"] / lora["step_s"]
             if r.get("peak_bytes") and lora.get("peak_bytes"):
                 r["peak_vs_lora"] = r["peak_bytes"] / lora["peak_bytes"]
+        hf = by.get("hf_" + r["method"])
+        if r.get("backend") == "jax" and hf:
+            r["ours_vs_hf"] = {
+                "tokens_per_s": hf["step_s"] / r["step_s"],
+                "compile_s": r["compile_s"] / hf["compile_s"] if r.get("compile_s") and hf.get("compile_s") else None,
+                "peak_bytes": r["peak_bytes"] / hf["peak_bytes"] if r.get("peak_bytes") and hf.get("peak_bytes") else None,
+            }
         twin = by.get("peft_" + r["method"])
         if r.get("backend") == "jax" and twin:
             r["speedup_vs_peft"] = twin["step_s"] / r["step_s"]
@@ -214,8 +275,21 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+STACKS = {"jax": "ours (jax)", "hf": "transformers FlaxLlama (jax)", "peft": "PEFT (torch)"}
+
+
+def _vs_hf(r: dict) -> str:
+    """``"1.23x / 0.85"``: our tokens/s over FlaxLlama's / our compile time over its."""
+    v = r.get("ours_vs_hf")
+    if not v:
+        return "-"
+    return f"{v['tokens_per_s']:.2f}x / {_fmt(v.get('compile_s'), '.2f')}"
+
+
 def markdown(report: dict) -> str:
     meta = report["meta"]
+    hf = any(r.get("backend") == "hf" or str(r.get("method", "")).startswith("hf_") for r in report["results"])
+    extra_head, extra_rule = (" ours vs HF Flax (tokens/s, compile) |", "---|") if hf else ("", "")
     lines = [
         f"### {meta['shape']} ({meta['reference']}), batch {meta['batch']} x {meta['seq']} tokens, "
         f"mesh {meta['mesh']}, remat {meta['remat']}, loss {meta['loss']}, contraction {meta['contraction']}",
@@ -225,22 +299,23 @@ def markdown(report: dict) -> str:
         + (f" · {meta['label']}" if meta.get("label") else ""),
         "",
         "| method | stack | trainable | step (ms) | tokens/s | model TFLOP/s | MFU | peak mem (GiB) | compile (s) "
-        "| step vs our LoRA | mem vs our LoRA | speed-up vs PEFT | mem vs PEFT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step vs LoRA | mem vs LoRA | speed-up vs PEFT | mem vs PEFT |" + extra_head,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + extra_rule,
     ]
     for r in report["results"]:
         if r.get("method") == "_matmul":
             continue
         if "error" in r:
-            lines.append(f"| {r['method']} | | | {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['method']} | | | {r['error']} | | | | | | | | | |" + (" |" if hf else ""))
             continue
-        stack = "PEFT (torch)" if r["backend"] == "peft" else "ours (jax)"
+        stack = STACKS.get(r["backend"], r["backend"])
         lines.append(
             f"| {r['method']} | {stack} | {r['trainable_params']:,} | {r['step_s'] * 1e3:.1f} "
             f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_s']:.1f} | {100 * r['mfu']:.1f}% "
             f"| {_gib(r.get('peak_bytes'))} | {_fmt(r.get('compile_s'), '.1f')} "
             f"| {_fmt(r.get('step_vs_lora'), '.3f')} | {_fmt(r.get('peak_vs_lora'), '.3f')} "
             f"| {_fmt(r.get('speedup_vs_peft'), '.2f')} | {_fmt(r.get('peak_vs_peft'), '.3f')} |"
+            + (f" {_vs_hf(r)} |" if hf else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -261,17 +336,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for n in names:
         parse_method(n, rank=args.rank, alpha=args.alpha)  # fail early on a bad name
     peft = _peft_available() if args.peft is None else args.peft
-    names = expand_methods(names, peft)
+    names = expand_methods(names, peft, hf=args.hf)
     if args.measure_matmul:
         names = ["_matmul"] + names
     results = []
+    t_start = time.perf_counter()
     for n in names:
-        if args.inprocess:
+        left = None if args.budget is None else args.budget - (time.perf_counter() - t_start)
+        why = None if n == "_matmul" else refused(args, n)
+        if why:
+            res = {"method": n, "error": why}
+        elif left is not None and left < MIN_CHILD_S:
+            res = {"method": n, "error": f"skipped: --budget {args.budget:.0f}s used up"}
+        elif args.inprocess:
             wargs = argparse.Namespace(**{**vars(args), "worker": n})
             res = run_worker(wargs)
             res.setdefault("method", n)
         else:
-            res = _run_child(args, n)
+            res = _run_child(args, n, timeout=args.timeout if left is None else min(args.timeout, left))
         summary = {k: res.get(k) for k in ("method", "step_s", "peak_bytes", "compile_s", "error")}
         print(json.dumps(summary), flush=True)
         if res.get("profile"):

@@ -113,3 +113,135 @@ def test_ratios():
     assert rs[1]["peak_vs_lora"] == pytest.approx(1.04)
     assert rs[1]["speedup_vs_peft"] == pytest.approx(2.0)
     assert "speedup_vs_peft" not in rs[0]
+
+
+# ------------------------------------------------------------------ hf_: transformers' FlaxLlama
+
+
+def test_parse_hf_methods_and_flops():
+    s, T = shapes.SHAPES["tiny"], 16
+    for name, kind in [("hf_frozen", "frozen"), ("hf_full", "full"), ("hf_lora", "lora"),
+                       ("hf_gralora2", "gralora"), ("hf_gralora4h16", "gralora")]:
+        m = shapes.parse_method(name, rank=64, alpha=128)
+        ours = shapes.parse_method(name[len("hf_"):], rank=64, alpha=128)
+        assert (m.backend, m.kind, m.name) == ("hf", kind, name)
+        assert (m.r, m.k, m.hybrid_r, m.alpha) == (ours.r, ours.k, ours.hybrid_r, ours.alpha)
+        assert shapes.train_flops_per_token(s, T, m) == shapes.train_flops_per_token(s, T, ours)
+    assert shapes.parse_method("hf_gralora4h16").r == 48
+    for bad in ("hf_peft_lora", "hf_gralora3", "hf_", "peft_hf_lora"):
+        with pytest.raises(ValueError):
+            shapes.parse_method(bad, rank=64, alpha=128)
+    assert train_throughput.expand_methods(["lora", "gralora2"], peft=True, hf=True) == [
+        "lora", "hf_lora", "gralora2", "hf_gralora2", "peft_lora", "peft_gralora2"]
+    assert train_throughput.expand_methods(["lora"], peft=False) == ["lora"]
+
+
+def test_hf_pythonpath_reaches_hf_children_only(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/already")
+    monkeypatch.setenv("BENCH_HF_PYTHONPATH", "/from/env")
+    args = train_throughput._parser().parse_args([])
+    assert train_throughput.hf_pythonpath(args) == "/from/env"
+    args = train_throughput._parser().parse_args(["--hf-pythonpath", "/hf/site"])
+    assert train_throughput.hf_pythonpath(args) == "/hf/site"
+    assert train_throughput._child_env("hf_lora", "/hf/site")["PYTHONPATH"] == "/hf/site:/already"
+    for ours in ("lora", "peft_lora", "frozen", "_matmul"):
+        assert train_throughput._child_env(ours, "/hf/site")["PYTHONPATH"] == "/already"
+    monkeypatch.delenv("PYTHONPATH")
+    assert train_throughput._child_env("hf_frozen", "/hf/site")["PYTHONPATH"] == "/hf/site"
+    assert "PYTHONPATH" not in train_throughput._child_env("hf_frozen", None)
+
+
+def test_hf_refusals_and_budget_start_no_child(tmp_path):
+    # remat is refused for hf_ (FlaxLlama has no gradient checkpointing); --budget 0 skips the rest
+    report = train_throughput.main([
+        "--shape", "tiny", "--batch", "2", "--seq", "16", "--methods", "lora", "--hf", "--no-peft",
+        "--remat", "full", "--budget", "0", "--out", str(tmp_path / "r"),
+    ])
+    by = {r["method"]: r for r in report["results"]}
+    assert list(by) == ["lora", "hf_lora"]
+    assert "gradient checkpointing" in by["hf_lora"]["error"]
+    assert by["lora"]["error"].startswith("skipped")
+    md = (tmp_path / "r.md").read_text()
+    assert "| hf_lora | | |" in md and "ours vs HF Flax" in md
+
+
+def test_hf_flax_llama_computes_our_model():
+    # independent implementations at identical (non-trivial, std 0.5) weights: same logits
+    from benchmarks import hf_flax_step, jax_step
+    from gralora_jax.models import CausalLM
+    import types
+
+    s = shapes.SHAPES["tiny"]  # untied, rope_theta 10000 (FlaxLlama's hard-coded base)
+    hf = hf_flax_step.build_hf_model(s, 16, dtype=jnp.float32)
+    ours = CausalLM(types.SimpleNamespace(model_type="llama", rope_scaling=None, initializer_range=0.02,
+                                          **s.hf_config_kwargs()), dtype=jnp.float32, param_dtype=jnp.float32)
+    p_ours = jax_step.random_params(ours, jax.random.PRNGKey(3), std=0.5)
+    p_hf = jax_step.random_params(hf_flax_step.bf16_shape_tree(hf), jax.random.PRNGKey(3), std=0.5)
+    # the hf tree has our paths and shapes, so the benchmark draws the same weights for both
+    assert jax.tree.structure(p_hf) == jax.tree.structure(p_ours)
+    for a, b in zip(jax.tree.leaves(p_hf), jax.tree.leaves(p_ours)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32))
+    ids = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 0, s.vocab)
+    got = np.asarray(jax.jit(lambda p, x: hf(x, params=p).logits)(p_ours, ids))
+    want = np.asarray(jax.jit(lambda p, x: ours(x, params=p).logits)(p_ours, ids))
+    assert np.abs(want).max() > 1.0  # far from the near-zero logits of std-0.02 weights
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def hf_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_hf") / "tiny_hf"
+    report = train_throughput.main([
+        "--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
+        "--methods", "frozen,hf_lora", "--hf", "--no-peft", "--inprocess", "--out", str(out),
+    ])
+    return out, report
+
+
+def test_hf_tiny_run_beside_ours(hf_report):
+    out, report = hf_report
+    by = {r["method"]: r for r in report["results"]}
+    assert list(by) == ["frozen", "hf_frozen", "hf_lora"]
+    ours_keys = set(by["frozen"]) - {"ours_vs_hf"}
+    for name in ("hf_frozen", "hf_lora"):
+        r = by[name]
+        assert r["backend"] == "hf" and ours_keys <= set(r), ours_keys - set(r)
+        assert r["step_s"] > 0 and r["compile_s"] > 0 and r["tokens_per_s"] > 0 and np.isfinite(r["loss"])
+        assert r["trainable_params"] == r["expected_trainable_params"]
+        assert r["versions"]["transformers"].startswith("4.")
+    # LoRA r=64 on q, o (64 -> 64), k, v (64 -> 32), gate, up, down (64 <-> 128), 2 layers, by hand
+    assert by["hf_lora"]["trainable_params"] == 2 * 64 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
+    assert by["hf_frozen"]["model_flops_per_step"] == by["frozen"]["model_flops_per_step"]
+    # same weights, same function: the two forward passes agree (loss ~ ln(256) + a weight-specific part)
+    assert abs(by["hf_frozen"]["loss"] - by["frozen"]["loss"]) < 1e-4
+    assert abs(by["frozen"]["loss"] - np.log(256)) > 1e-3
+    v = by["frozen"]["ours_vs_hf"]
+    assert v["tokens_per_s"] == pytest.approx(by["frozen"]["tokens_per_s"] / by["hf_frozen"]["tokens_per_s"])
+    assert v["compile_s"] == pytest.approx(by["frozen"]["compile_s"] / by["hf_frozen"]["compile_s"])
+    assert "ours_vs_hf" not in by["hf_frozen"]
+    md = out.with_suffix(".md").read_text()
+    assert "| hf_lora | transformers FlaxLlama (jax) |" in md and "ours vs HF Flax" in md
+    assert f"{v['tokens_per_s']:.2f}x / " in md.split("| frozen | ours (jax) |")[1].splitlines()[0]
+
+
+def test_hf_ratios_by_hand():
+    rs = [
+        {"method": "lora", "backend": "jax", "step_s": 0.1, "compile_s": 30.0, "peak_bytes": 100},
+        {"method": "hf_lora", "backend": "hf", "step_s": 0.2, "compile_s": 20.0, "peak_bytes": 200},
+        {"method": "hf_gralora4", "backend": "hf", "step_s": 0.25, "compile_s": 20.0, "peak_bytes": 220},
+    ]
+    train_throughput.add_ratios(rs)
+    assert rs[0]["ours_vs_hf"] == pytest.approx({"tokens_per_s": 2.0, "compile_s": 1.5, "peak_bytes": 0.5})
+    assert rs[2]["step_vs_lora"] == pytest.approx(1.25)  # hf GraLoRA against hf LoRA
+    assert "ours_vs_hf" not in rs[1] and "step_vs_lora" not in rs[0]
+
+
+def test_hf_on_a_data_mesh_matches_one_device(hf_report):
+    from benchmarks.hf_flax_step import run_hf
+
+    _, report = hf_report
+    one = next(r for r in report["results"] if r["method"] == "hf_frozen")
+    r = run_hf(shapes.SHAPES["tiny"], shapes.parse_method("hf_frozen"), batch=2, seq=16, steps=1, warmup=1,
+               mesh="2x1")
+    assert r["devices"] == 2
+    assert r["loss"] == pytest.approx(one["loss"], abs=1e-4)
