@@ -7,6 +7,12 @@ before the log-softmax, so bf16 models get an f32 loss. It returns the mask-weig
 and the number of counted tokens, which lets gradient accumulation weight micro-batches by
 their token counts (the accumulated step then equals one step on the concatenated batch).
 
+``chunked_causal_lm_loss`` is the same loss from the final hidden state and the lm_head
+kernel, never materialising ``[B, T, vocab]`` logits: it runs
+:func:`gralora_jax.models.losses.chunked_cross_entropy` on each row (``vmap``), so a chunk is
+a block of positions of *every* row and the batch axis (sharded over the data mesh axis)
+stays a batch axis inside the scan.
+
 >>> import jax.numpy as jnp
 >>> logits = jnp.zeros((1, 3, 4))                 # uniform over 4 classes
 >>> loss, n = causal_lm_loss(logits, jnp.array([[0, 1, 2]]))
@@ -16,8 +22,12 @@ their token counts (the accumulated step then equals one step on the concatenate
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+
+from gralora_jax.models.losses import chunked_cross_entropy
 
 
 def causal_lm_loss(logits, labels, loss_mask=None):
@@ -44,3 +54,48 @@ def causal_lm_loss(logits, labels, loss_mask=None):
     n = weights.sum()
     loss = (nll * weights).sum() / jnp.maximum(n, 1.0)
     return loss, n
+
+
+def next_token_targets(labels, loss_mask=None):
+    """``(targets [B, T] int32, weights [B, T] f32)`` for next-token prediction at every position.
+
+    ``targets[:, t] = labels[:, t+1]`` and ``weights[:, t] = loss_mask[:, t+1]`` (1 when no mask);
+    the last position has no next token: target 0, weight 0. Same counting as
+    :func:`causal_lm_loss`, but aligned with the full ``[B, T]`` hidden state (no slicing copy).
+    """
+    if labels.ndim != 2:
+        raise ValueError(f"next_token_targets: expected labels [B, T], got shape {labels.shape}")
+    if loss_mask is not None and loss_mask.shape != labels.shape:
+        raise ValueError(f"next_token_targets: loss_mask shape {loss_mask.shape} != labels shape {labels.shape}")
+    zeros = jnp.zeros((labels.shape[0], 1), jnp.int32)
+    targets = jnp.concatenate([labels[:, 1:].astype(jnp.int32), zeros], axis=1)
+    w = jnp.ones(labels.shape, jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
+    weights = jnp.concatenate([w[:, 1:], jnp.zeros((labels.shape[0], 1), jnp.float32)], axis=1)
+    return targets, weights
+
+
+def chunked_causal_lm_loss(hidden, lm_head_kernel, labels, loss_mask=None, *, chunk_size: int = 1024,
+                           logit_softcap=None):
+    """:func:`causal_lm_loss` of ``softcap(hidden @ lm_head_kernel)`` without the full logits.
+
+    ``hidden``: [B, T, D] final hidden states; ``lm_head_kernel``: [D, V]; ``labels`` and
+    ``loss_mask`` as in :func:`causal_lm_loss`; ``logit_softcap``: Gemma2's final
+    ``c * tanh(logits / c)``. ``chunk_size`` is the number of tokens whose float32 logits exist
+    at once: each chunk covers ``ceil(chunk_size / B)`` positions of every row. Each chunk is
+    recomputed in the backward pass. Returns ``(loss f32 scalar, num_tokens f32 scalar)``.
+    """
+    if hidden.ndim != 3 or labels.ndim != 2 or hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"chunked_causal_lm_loss: expected hidden [B, T, D] and labels [B, T], got {hidden.shape} and {labels.shape}"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunked_causal_lm_loss: chunk_size must be a positive int, got {chunk_size!r}")
+    targets, weights = next_token_targets(labels, loss_mask)
+    per_row = -(-chunk_size // labels.shape[0])
+
+    def row_sum(h, y, w):
+        return chunked_cross_entropy(h, lm_head_kernel, y, w, per_row, logit_softcap=logit_softcap, reduction="sum")
+
+    n = weights.sum()
+    total = jax.vmap(row_sum)(hidden, targets, weights).sum()
+    return total / jnp.maximum(n, 1.0), n

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import warnings
 from typing import Any, Callable, Mapping, Optional, Union
@@ -233,6 +234,37 @@ class GraLoRAModel:
     def logits_fn(self, params, input_ids, attention_mask=None, *, dropout_rng=None, train: bool = False, **kw):
         """Pure ``params, inputs -> logits``: jit it, differentiate it."""
         return self(input_ids, attention_mask=attention_mask, params=params, dropout_rng=dropout_rng, train=train, **kw).logits
+
+    @property
+    def supports_hidden_fn(self) -> bool:
+        """True when the wrapped model can stop before the vocabulary projection: its call takes
+        ``compute_logits`` and it has ``lm_head_kernel(params)`` (:mod:`gralora_jax.models`; not
+        transformers' Flax models). Needed by :meth:`hidden_fn` and :meth:`lm_head`."""
+        if not callable(getattr(self.model, "lm_head_kernel", None)):
+            return False
+        try:
+            return "compute_logits" in inspect.signature(self.model.__call__).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def hidden_fn(self, params, input_ids, attention_mask=None, *, dropout_rng=None, train: bool = False):
+        """Pure ``params, inputs -> last_hidden_state`` ``[B, T, hidden]`` (after the final norm), with
+        the decoder's adapters applied. The lm_head is not run, so an adapter on it plays no part:
+        the caller must check (see :func:`gralora_jax.train.make_causal_lm_loss_fn`)."""
+        if not self.supports_hidden_fn:
+            raise TypeError(f"{type(self.model).__name__} cannot return hidden states without logits "
+                            "(no compute_logits / lm_head_kernel); use logits_fn")
+        out = self(input_ids, attention_mask=attention_mask, params=params, dropout_rng=dropout_rng, train=train,
+                   compute_logits=False)
+        return out.last_hidden_state
+
+    def lm_head(self, params) -> tuple[Any, Optional[float]]:
+        """``(kernel [hidden, vocab], final logit soft-cap or None)`` of the wrapped model: the base
+        projection only (the embedding transposed when tied; no lm_head adapter), and Gemma2's
+        ``c * tanh(logits / c)`` cap, so ``logits == softcap(hidden_fn(...) @ kernel)``."""
+        if not self.supports_hidden_fn:
+            raise TypeError(f"{type(self.model).__name__} has no lm_head_kernel; use logits_fn")
+        return self.model.lm_head_kernel(params), getattr(getattr(self.model, "spec", None), "final_logit_softcap", None)
 
     # ------------------------------------------------------------------ trees
     @property

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import signal
 import threading
@@ -46,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gralora_jax import tree as tree_lib
 from gralora_jax.checkpoint import Checkpointer
 from gralora_jax.distributed import global_batch_from_local, is_main_process
-from gralora_jax.losses import causal_lm_loss
+from gralora_jax.losses import causal_lm_loss, chunked_causal_lm_loss
 from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
 from gralora_jax.sharding import batch_spec, named_shardings
 
@@ -271,23 +272,83 @@ def make_train_step(
 # ----------------------------------------------------------------------------- loss helpers
 
 
-def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False) -> LossFn:
+LOSS_KINDS = ("auto", "full", "chunked")
+
+
+def _adapted_heads(params) -> list[str]:
+    """Adapted modules named ``lm_head``: the chunked loss does not run that module, so its adapter would be lost."""
+    if params is None:
+        return []
+    return [m for m in tree_lib.adapted_modules(params) if m.rsplit("/", 1)[-1] == "lm_head"]
+
+
+def select_causal_lm_loss(gralora_model, loss: str = "auto", params=None) -> str:
+    """Resolve ``loss`` ("auto" / "full" / "chunked") to "full" or "chunked" for ``gralora_model``.
+
+    "chunked" needs a model that can return its final hidden state (``supports_hidden_fn``: our
+    :mod:`gralora_jax.models`, not transformers' Flax models) and no adapter on ``lm_head`` (the
+    chunked path multiplies by the base lm_head kernel and would drop it). "auto" picks "chunked"
+    when both hold, else "full"; an explicit "chunked" that cannot hold raises ``ValueError``.
+    ``params`` defaults to ``gralora_model.params``.
+    """
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
+    if loss == "full":
+        return "full"
+    supported = bool(getattr(gralora_model, "supports_hidden_fn", False))
+    heads = _adapted_heads(getattr(gralora_model, "params", None) if params is None else params)
+    if supported and not heads:
+        return "chunked"
+    if loss == "auto":
+        return "full"
+    if not supported:
+        raise ValueError(f"loss='chunked' needs a model that returns hidden states without logits "
+                         f"(gralora_jax.models); {type(getattr(gralora_model, 'model', gralora_model)).__name__} "
+                         "does not: use loss='full' or 'auto'")
+    raise ValueError(f"loss='chunked' would drop the adapter on {heads}: use loss='full' or 'auto'")
+
+
+def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False, loss: str = "auto",
+                           chunk_size: int = 1024) -> LossFn:
     """``loss_fn`` for a :class:`gralora_jax.surgery.GraLoRAModel` (or anything with
     ``logits_fn(params, input_ids, attention_mask, *, dropout_rng, train)``).
 
     Batch keys: ``input_ids`` [B, T], optional ``attention_mask`` [B, T] and ``loss_mask``
     [B, T] (defaults to ``attention_mask``, else all ones). Metrics: ``num_tokens``.
+
+    ``loss`` (default "auto"): "full" computes float32 logits ``[B, T, vocab]`` and
+    :func:`gralora_jax.losses.causal_lm_loss`; "chunked" runs the adapted model up to its final
+    hidden state (``GraLoRAModel.hidden_fn``) and :func:`gralora_jax.losses.chunked_causal_lm_loss`
+    with the (soft-capped, possibly tied) lm_head, holding only ``chunk_size`` tokens' logits at
+    a time; same loss, gradients and ``num_tokens``. "auto" is "chunked" for our own
+    :mod:`gralora_jax.models` unless ``lm_head`` carries an adapter, else "full" (transformers'
+    Flax models, objects with only ``logits_fn``); see :func:`select_causal_lm_loss`. The choice
+    is ``loss_fn.loss``; it is checked again against the params each call traces with.
     """
-    logits_fn = gralora_model.logits_fn
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    kind = select_causal_lm_loss(gralora_model, loss)
 
     def loss_fn(params, batch, rng, train):
         ids = batch["input_ids"]
         attn = batch.get("attention_mask")
         lmask = batch.get("loss_mask", attn)
-        logits = logits_fn(params, ids, attn, dropout_rng=rng if train else None, train=train)
-        loss, n = causal_lm_loss(logits, ids, lmask)
-        return loss, {"num_tokens": n}
+        dropout_rng = rng if train else None
+        use = kind
+        if kind == "chunked" and _adapted_heads(params):
+            if loss != "auto":
+                raise ValueError(f"loss='chunked' would drop the adapter on {_adapted_heads(params)}")
+            use = "full"  # these params adapt lm_head: never lose its adapter
+        if use == "full":
+            logits = gralora_model.logits_fn(params, ids, attn, dropout_rng=dropout_rng, train=train)
+            value, n = causal_lm_loss(logits, ids, lmask)
+        else:
+            hidden = gralora_model.hidden_fn(params, ids, attn, dropout_rng=dropout_rng, train=train)
+            kernel, softcap = gralora_model.lm_head(params)
+            value, n = chunked_causal_lm_loss(hidden, kernel, ids, lmask, chunk_size=chunk_size, logit_softcap=softcap)
+        return value, {"num_tokens": n}
 
+    loss_fn.loss = kind
     return loss_fn
 
 
