@@ -9,6 +9,11 @@ benchmark-only patch: the library files are untouched).
 * ``library``  the library's two batched einsums (the default)
 * ``unrolled`` a Python loop over blocks: ``k`` plain 2-D matmuls for A, ``k`` for B, then a
   concatenation; exactly the same products and sums, no batched dot or transposed output
+* ``mixed``    the library's batched einsum for the A side (input blocks -> latents, regrouped
+  by output block), then ``k`` plain 2-D matmuls for the B side whose outputs are concatenated
+  along the feature axis: the output keeps its natural ``[..., out]`` layout (the batched B
+  einsum produces ``[j, ..., o]``, which XLA on the GPU transposed and kept, with the MLP
+  activations, in that layout for the backward pass)
 * ``remat``    the library's arithmetic inside ``jax.checkpoint`` (nothing saved): the backward
   pass keeps the layer's bf16 input instead of its float32 copy and the ``k*r`` latents, and
   recomputes the cheap A-side product; exact (the bf16 -> f32 cast is exact)
@@ -22,6 +27,8 @@ benchmark-only patch: the library files are untouched).
 >>> ref = layers.gralora_blocks(x, p["gralora_A"], p["gralora_B"])
 >>> bool(jnp.allclose(gralora_blocks_unrolled(x, p["gralora_A"], p["gralora_B"]), ref, atol=1e-6))
 True
+>>> bool(jnp.allclose(gralora_blocks_mixed(x, p["gralora_A"], p["gralora_B"]), ref, atol=1e-6))
+True
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import jax.numpy as jnp
 
 from gralora_jax import layers
 
-CONTRACTIONS = ("library", "unrolled", "bf16", "remat")
+CONTRACTIONS = ("library", "unrolled", "mixed", "bf16", "remat")
 
 
 def gralora_blocks_unrolled(x, A, B, precision=None):
@@ -46,6 +53,18 @@ def gralora_blocks_unrolled(x, A, B, precision=None):
     for j in range(k):
         z = jnp.concatenate([h[n][..., j * s:(j + 1) * s] for n in range(k)], axis=-1)  # [..., (n, s)]
         outs.append(jnp.matmul(z, B[j], precision=precision))
+    return jnp.concatenate(outs, axis=-1)
+
+
+def gralora_blocks_mixed(x, A, B, precision=None):
+    """Same function as ``layers.gralora_blocks``: batched A side, ``k`` plain matmuls on the B side."""
+    k, i, r = A.shape
+    s = r // k
+    o = B.shape[-1]
+    xb = x.reshape(*x.shape[:-1], k, i)
+    z = jnp.einsum("...ni,nijs->...jns", xb, A.reshape(k, i, k, s), precision=precision)
+    z = z.reshape(*x.shape[:-1], k, k * s)  # [..., j, (n, s)]
+    outs = [jnp.matmul(z[..., j, :], B[j], precision=precision) for j in range(k)]
     return jnp.concatenate(outs, axis=-1)
 
 
@@ -91,6 +110,8 @@ def use(name: str):
     try:
         if name == "unrolled":
             layers.gralora_blocks = gralora_blocks_unrolled
+        elif name == "mixed":
+            layers.gralora_blocks = gralora_blocks_mixed
         elif name == "bf16":
             layers.adapter_output = _adapter_output_bf16
         elif name == "remat":

@@ -70,17 +70,19 @@ def test_bad_method_names(bad):
         shapes.parse_method(bad, rank=64, alpha=128)
 
 
-def test_unrolled_contraction_is_exact():
+@pytest.mark.parametrize("name, fn", [("unrolled", contractions.gralora_blocks_unrolled),
+                                      ("mixed", contractions.gralora_blocks_mixed)])
+def test_alternative_contractions_are_exact(name, fn):
     p = layers.init_gralora_adapter(jax.random.PRNGKey(0), 48, 32, r=8, k=4, init_weights=False)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 48))
     ref = np.einsum("...ni,nijs,jnso->...jo", np.asarray(x).reshape(2, 5, 4, 12),
                     np.asarray(p["gralora_A"]).reshape(4, 12, 4, 2),
                     np.asarray(p["gralora_B"]).reshape(4, 4, 2, 8)).reshape(2, 5, 32)
-    got = contractions.gralora_blocks_unrolled(x, p["gralora_A"], p["gralora_B"], jax.lax.Precision.HIGHEST)
+    got = fn(x, p["gralora_A"], p["gralora_B"], jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
-    with contractions.use("unrolled"):
-        assert layers.gralora_blocks is contractions.gralora_blocks_unrolled
-    assert layers.gralora_blocks is not contractions.gralora_blocks_unrolled
+    with contractions.use(name):
+        assert layers.gralora_blocks is fn
+    assert layers.gralora_blocks is not fn
 
 
 def test_trace_summary_on_synthetic_trace(tmp_path):
