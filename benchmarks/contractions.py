@@ -14,6 +14,11 @@ benchmark-only patch: the library files are untouched).
   along the feature axis: the output keeps its natural ``[..., out]`` layout (the batched B
   einsum produces ``[j, ..., o]``, which XLA on the GPU transposed and kept, with the MLP
   activations, in that layout for the backward pass)
+* ``jfirst``   the A side writes its latents output-block-major (``[j, ..., (n, s)]``), the B
+  side is a batched einsum over ``j`` whose ``[j, ..., o]`` result is concatenated along the
+  feature axis (a concatenation instead of a transpose, to keep the output's layout natural)
+* ``jfirst_unrolled`` latents as in ``jfirst`` (each ``j`` a contiguous ``[..., r]`` slab),
+  then ``k`` plain B-side matmuls concatenated (``mixed`` without the strided slices)
 * ``remat``    the library's arithmetic inside ``jax.checkpoint`` (nothing saved): the backward
   pass keeps the layer's bf16 input instead of its float32 copy and the ``k*r`` latents, and
   recomputes the cheap A-side product; exact (the bf16 -> f32 cast is exact)
@@ -40,7 +45,7 @@ import jax.numpy as jnp
 
 from gralora_jax import layers
 
-CONTRACTIONS = ("library", "unrolled", "mixed", "bf16", "remat")
+CONTRACTIONS = ("library", "unrolled", "mixed", "jfirst", "jfirst_unrolled", "bf16", "remat")
 
 
 def gralora_blocks_unrolled(x, A, B, precision=None):
@@ -66,6 +71,27 @@ def gralora_blocks_mixed(x, A, B, precision=None):
     z = z.reshape(*x.shape[:-1], k, k * s)  # [..., j, (n, s)]
     outs = [jnp.matmul(z[..., j, :], B[j], precision=precision) for j in range(k)]
     return jnp.concatenate(outs, axis=-1)
+
+
+def _latents_jfirst(x, A, precision):
+    k, i, r = A.shape
+    s = r // k
+    xb = x.reshape(*x.shape[:-1], k, i)
+    z = jnp.einsum("...ni,nijs->j...ns", xb, A.reshape(k, i, k, s), precision=precision)
+    return z.reshape(k, *x.shape[:-1], r)  # [j, ..., (n, s)]
+
+
+def gralora_blocks_jfirst(x, A, B, precision=None):
+    """Same function as ``layers.gralora_blocks``: output-block-major latents, concatenated B outputs."""
+    k = A.shape[0]
+    out = jnp.einsum("j...r,jro->j...o", _latents_jfirst(x, A, precision), B, precision=precision)
+    return jnp.concatenate([out[j] for j in range(k)], axis=-1)
+
+
+def gralora_blocks_jfirst_unrolled(x, A, B, precision=None):
+    """Same function as ``layers.gralora_blocks``: output-block-major latents, ``k`` plain B matmuls."""
+    z = _latents_jfirst(x, A, precision)
+    return jnp.concatenate([jnp.matmul(z[j], B[j], precision=precision) for j in range(A.shape[0])], axis=-1)
 
 
 def _adapter_output_bf16(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=None, precision=None):
@@ -112,6 +138,10 @@ def use(name: str):
             layers.gralora_blocks = gralora_blocks_unrolled
         elif name == "mixed":
             layers.gralora_blocks = gralora_blocks_mixed
+        elif name == "jfirst":
+            layers.gralora_blocks = gralora_blocks_jfirst
+        elif name == "jfirst_unrolled":
+            layers.gralora_blocks = gralora_blocks_jfirst_unrolled
         elif name == "bf16":
             layers.adapter_output = _adapter_output_bf16
         elif name == "remat":

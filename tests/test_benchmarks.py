@@ -71,7 +71,9 @@ def test_bad_method_names(bad):
 
 
 @pytest.mark.parametrize("name, fn", [("unrolled", contractions.gralora_blocks_unrolled),
-                                      ("mixed", contractions.gralora_blocks_mixed)])
+                                      ("mixed", contractions.gralora_blocks_mixed),
+                                      ("jfirst", contractions.gralora_blocks_jfirst),
+                                      ("jfirst_unrolled", contractions.gralora_blocks_jfirst_unrolled)])
 def test_alternative_contractions_are_exact(name, fn):
     p = layers.init_gralora_adapter(jax.random.PRNGKey(0), 48, 32, r=8, k=4, init_weights=False)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 48))
