@@ -14,7 +14,7 @@ benchmark-only patch: the library files are untouched).
   along the feature axis: the output keeps its natural ``[..., out]`` layout (the batched B
   einsum produces ``[j, ..., o]``, which XLA on the GPU transposed and kept, with the MLP
   activations, in that layout for the backward pass)
-* ``jfirst``   the A side writes its latents output-block-major (``[j, ..., (n, s)]``), the B
+* ``jfirst``   (= the library's ``block_layout="concat"``) the A side writes its latents output-block-major (``[j, ..., (n, s)]``), the B
   side is a batched einsum over ``j`` whose ``[j, ..., o]`` result is concatenated along the
   feature axis (a concatenation instead of a transpose, to keep the output's layout natural)
 * ``jfirst_unrolled`` latents as in ``jfirst`` (each ``j`` a contiguous ``[..., r]`` slab),
@@ -45,10 +45,10 @@ import jax.numpy as jnp
 
 from gralora_jax import layers
 
-CONTRACTIONS = ("library", "unrolled", "mixed", "jfirst", "jfirst_unrolled", "bf16", "remat")
+CONTRACTIONS = ("library", "unrolled", "mixed", "jfirst", "concat", "jfirst_unrolled", "bf16", "remat")
 
 
-def gralora_blocks_unrolled(x, A, B, precision=None):
+def gralora_blocks_unrolled(x, A, B, precision=None, layout=None):
     """Same function as ``layers.gralora_blocks``, as 2k plain matmuls."""
     k, i, r = A.shape
     s = r // k
@@ -61,7 +61,7 @@ def gralora_blocks_unrolled(x, A, B, precision=None):
     return jnp.concatenate(outs, axis=-1)
 
 
-def gralora_blocks_mixed(x, A, B, precision=None):
+def gralora_blocks_mixed(x, A, B, precision=None, layout=None):
     """Same function as ``layers.gralora_blocks``: batched A side, ``k`` plain matmuls on the B side."""
     k, i, r = A.shape
     s = r // k
@@ -81,20 +81,22 @@ def _latents_jfirst(x, A, precision):
     return z.reshape(k, *x.shape[:-1], r)  # [j, ..., (n, s)]
 
 
-def gralora_blocks_jfirst(x, A, B, precision=None):
-    """Same function as ``layers.gralora_blocks``: output-block-major latents, concatenated B outputs."""
-    k = A.shape[0]
-    out = jnp.einsum("j...r,jro->j...o", _latents_jfirst(x, A, precision), B, precision=precision)
-    return jnp.concatenate([out[j] for j in range(k)], axis=-1)
+_LIBRARY_BLOCKS = layers.gralora_blocks  # unpatched, for variants that are library layouts
 
 
-def gralora_blocks_jfirst_unrolled(x, A, B, precision=None):
+def gralora_blocks_jfirst(x, A, B, precision=None, layout=None):
+    """The library's ``layout="concat"`` (kept under its benchmark name ``jfirst``)."""
+    return _LIBRARY_BLOCKS(x, A, B, precision, layout="concat")
+
+
+def gralora_blocks_jfirst_unrolled(x, A, B, precision=None, layout=None):
     """Same function as ``layers.gralora_blocks``: output-block-major latents, ``k`` plain B matmuls."""
     z = _latents_jfirst(x, A, precision)
     return jnp.concatenate([jnp.matmul(z[j], B[j], precision=precision) for j in range(A.shape[0])], axis=-1)
 
 
-def _adapter_output_bf16(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=None, precision=None):
+def _adapter_output_bf16(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=None, precision=None,
+                         block_layout=None):
     """bf16 operands, float32 accumulation and result (dropout ignored: benchmarks use none)."""
     del dropout_rate, dropout_rng
     bf = jnp.bfloat16
@@ -117,10 +119,11 @@ def _adapter_output_bf16(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=N
 
 
 def _remat_adapter_output(library_fn):
-    def adapter_output(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=None, precision=None):
+    def adapter_output(x, adapter, scaling, *, dropout_rate=0.0, dropout_rng=None, precision=None,
+                       block_layout="batched"):
         def f(x, adapter, dropout_rng):
             return library_fn(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                              precision=precision)
+                              precision=precision, block_layout=block_layout)
 
         return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)(x, dict(adapter), dropout_rng)
 
@@ -138,7 +141,7 @@ def use(name: str):
             layers.gralora_blocks = gralora_blocks_unrolled
         elif name == "mixed":
             layers.gralora_blocks = gralora_blocks_mixed
-        elif name == "jfirst":
+        elif name in ("jfirst", "concat"):
             layers.gralora_blocks = gralora_blocks_jfirst
         elif name == "jfirst_unrolled":
             layers.gralora_blocks = gralora_blocks_jfirst_unrolled

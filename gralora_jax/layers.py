@@ -116,17 +116,35 @@ def _dropout(x: Array, rate: float, rng: Optional[Array]) -> Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def gralora_blocks(x: Array, A: Array, B: Array, precision=None) -> Array:
+BLOCK_LAYOUTS = ("batched", "concat")
+
+
+def gralora_blocks(x: Array, A: Array, B: Array, precision=None, layout: str = "batched") -> Array:
     """The k*k block adapters (no scale): ``[..., in] -> [..., out]``.
 
     Pair (n, j) maps input block n through ``A[n][:, j*s:(j+1)*s]`` and
-    ``B[j][n*s:(n+1)*s, :]`` into output block j; all pairs in two einsums.
+    ``B[j][n*s:(n+1)*s, :]`` into output block j; all pairs in two einsums. ``layout`` picks
+    how the two contractions are laid out, same function either way:
+
+    * ``"batched"`` (default, fastest): latents grouped by output block after the A side, the
+      B side a batched einsum whose ``[..., j, o]`` result XLA transposes into place. On the
+      GPU this kept some MLP activations in a transposed layout for the backward pass
+      (measured: +16% peak memory over LoRA at the 1b shape, +3% step time).
+    * ``"concat"`` (memory-lean): latents written output-block-major ``[j, ..., (n, s)]``, the
+      B side batched over ``j`` and its k results concatenated along the features (measured:
+      peak memory 5% *below* LoRA's, but +12% step time).
     """
     k, i, r = A.shape
     s = r // k
     o = B.shape[-1]
     xb = x.reshape(*x.shape[:-1], k, i)  # [..., n, i]
     a = A.reshape(k, i, k, s)  # [n, i, j, s]
+    if layout == "concat":
+        z = jnp.einsum("...ni,nijs->j...ns", xb, a, precision=precision).reshape(k, *x.shape[:-1], r)
+        out = jnp.einsum("j...r,jro->j...o", z, B, precision=precision)  # B[j] rows are (n, s)
+        return jnp.concatenate([out[j] for j in range(k)], axis=-1)
+    if layout != "batched":
+        raise ValueError(f"unknown GraLoRA block layout {layout!r}; choose from {BLOCK_LAYOUTS}")
     z = jnp.einsum("...ni,nijs->...jns", xb, a, precision=precision)  # latents grouped by output block
     b = B.reshape(k, k, s, o)  # [j, n, s, o]
     out = jnp.einsum("...jns,jnso->...jo", z, b, precision=precision)
@@ -141,6 +159,7 @@ def adapter_output(
     dropout_rate: float = 0.0,
     dropout_rng: Optional[Array] = None,
     precision=None,
+    block_layout: str = "batched",
 ) -> Array:
     """The adapter's contribution ``scale * (...)`` for input ``x`` (base output excluded).
 
@@ -148,13 +167,14 @@ def adapter_output(
     ``lora_A``/``lora_B``. ``x`` is cast to the adapter's dtype (PEFT does the same); the
     result is in that dtype. Dropout on ``x`` is applied only when ``dropout_rng`` is given
     and the rate is positive; the hybrid path draws its own mask, as in PEFT.
+    ``block_layout`` is :func:`gralora_blocks`' ``layout`` (GraLoRA only).
     """
     if is_gralora(adapter):
         A, B = adapter["gralora_A"], adapter["gralora_B"]
         dt = A.dtype
         x = x.astype(dt)
         r1, r2 = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
-        out = gralora_blocks(_dropout(x, dropout_rate, r1), A, B, precision)
+        out = gralora_blocks(_dropout(x, dropout_rate, r1), A, B, precision, layout=block_layout)
         if "gralora_A_general" in adapter:
             xg = _dropout(x, dropout_rate, r2)
             out = out + (xg @ adapter["gralora_A_general"]) @ adapter["gralora_B_general"]
@@ -242,6 +262,9 @@ class _AdaptedDense(nn.Module):
     def _dropout_rate(self) -> float:
         raise NotImplementedError
 
+    def _output_options(self) -> dict:  # extra adapter_output keywords
+        return {}
+
     @nn.compact
     def __call__(self, inputs: Array, deterministic: bool = True) -> Array:
         in_features = inputs.shape[-1]
@@ -255,7 +278,8 @@ class _AdaptedDense(nn.Module):
         rate = self._dropout_rate()
         rng = self.make_rng("dropout") if (not deterministic and rate > 0.0) else None
         delta = adapter_output(
-            inputs, adapter, self._scaling(), dropout_rate=rate, dropout_rng=rng, precision=self.precision
+            inputs, adapter, self._scaling(), dropout_rate=rate, dropout_rng=rng, precision=self.precision,
+            **self._output_options(),
         )
         return y + delta.astype(y.dtype)
 
@@ -281,9 +305,13 @@ class GraLoRADense(_AdaptedDense):
     gralora_k: int = 2
     hybrid_r: int = 0
     gralora_dropout: float = 0.0
+    block_layout: str = "batched"  # gralora_blocks layout: "batched" (fastest) or "concat" (memory-lean)
 
     def _scaling(self):
         return self.alpha / (self.r + self.hybrid_r)
+
+    def _output_options(self):
+        return {"block_layout": self.block_layout}
 
     def _dropout_rate(self):
         return self.gralora_dropout

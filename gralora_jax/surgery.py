@@ -176,7 +176,7 @@ def add_adapters(
     return tree_lib.unflatten(flat), adapted
 
 
-def _interceptor(scaling: float, dropout_rate: float, train: bool) -> Callable:
+def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout: str = "batched") -> Callable:
     def intercept(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__":
@@ -197,10 +197,17 @@ def _interceptor(scaling: float, dropout_rate: float, train: bool) -> Callable:
                 raise ValueError("adapter dropout is on and train=True, but no dropout_rng was given")
             rng = m.make_rng("dropout")
         x = args[0] if args else kwargs["inputs"]
-        delta = layers.adapter_output(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=rng)
+        delta = layers.adapter_output(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=rng,
+                                      block_layout=block_layout)
         return y + delta.astype(y.dtype)
 
     return intercept
+
+
+def _check_block_layout(block_layout: str) -> str:
+    if block_layout not in layers.BLOCK_LAYOUTS:
+        raise ValueError(f"block_layout must be one of {layers.BLOCK_LAYOUTS}, got {block_layout!r}")
+    return block_layout
 
 
 class GraLoRAModel:
@@ -209,11 +216,13 @@ class GraLoRAModel:
     Construct with :func:`get_gralora_model` or :meth:`from_pretrained`.
     """
 
-    def __init__(self, model, config: AdapterConfig, params: Mapping[str, Any], layouts: Mapping[str, str]):
+    def __init__(self, model, config: AdapterConfig, params: Mapping[str, Any], layouts: Mapping[str, str],
+                 block_layout: str = "batched"):
         self.model = model
         self.config = config
         self.params = params
-        self.layouts = dict(layouts)
+        self.layouts = dict(layouts)  # kernel layout per adapted module (in_out / out_in)
+        self.block_layout = _check_block_layout(block_layout)  # layers.gralora_blocks layout
 
     # ------------------------------------------------------------------ running
     @property
@@ -223,7 +232,7 @@ class GraLoRAModel:
     @contextlib.contextmanager
     def intercept(self, train: bool = False):
         """Context in which the wrapped model's Dense calls add their adapters."""
-        with nn.intercept_methods(_interceptor(self.scaling, self.config.dropout, train)):
+        with nn.intercept_methods(_interceptor(self.scaling, self.config.dropout, train, self.block_layout)):
             yield
 
     def __call__(self, *args, params=None, dropout_rng=None, train: bool = False, **kwargs):
@@ -342,6 +351,7 @@ class GraLoRAModel:
         params=None,
         authors_convention: bool = False,
         adapter_dtype=jnp.float32,
+        block_layout: str = "batched",
     ) -> "GraLoRAModel":
         """Load a PEFT GraLoRA (or LoRA) adapter onto ``model``.
 
@@ -350,7 +360,8 @@ class GraLoRAModel:
         authors' code (whose ``r`` includes ``hybrid_r``).
         """
         config, loaded = peft_io.load_adapter(directory, authors_convention=authors_convention)
-        gm = get_gralora_model(model, config, params=params, rng=jax.random.PRNGKey(0), adapter_dtype=adapter_dtype)
+        gm = get_gralora_model(model, config, params=params, rng=jax.random.PRNGKey(0), adapter_dtype=adapter_dtype,
+                               block_layout=block_layout)
         want = tree_lib.flatten(gm.adapter_params())
         got = tree_lib.flatten(loaded)
         missing = sorted(set(want) - set(got))
@@ -380,6 +391,7 @@ def get_gralora_model(
     params=None,
     rng: Optional[jax.Array] = None,
     adapter_dtype=jnp.float32,
+    block_layout: str = "batched",
 ) -> GraLoRAModel:
     """PEFT's ``get_peft_model`` for Flax: insert adapters, return a :class:`GraLoRAModel`.
 
@@ -387,8 +399,11 @@ def get_gralora_model(
     or one of :mod:`gralora_jax.models`; ``params`` defaults to ``model.params``. With
     ``config.target_modules=None`` the model type's PEFT default is used (``q_proj``/``v_proj``
     for Llama, ``c_attn`` for GPT-2, ...). For T5 models :func:`gralora_jax.quirks.patch_t5_clip`
-    is applied first.
+    is applied first. ``block_layout`` ("batched", the fastest, or "concat", the most
+    memory-lean; same function) is how GraLoRA's block contraction is laid out, see
+    :func:`gralora_jax.layers.gralora_blocks`.
     """
+    _check_block_layout(block_layout)
     if not isinstance(config, (GraLoRAConfig, LoRAConfig)):
         raise TypeError(f"config must be a GraLoRAConfig or LoRAConfig, got {type(config).__name__}")
     if params is None:
@@ -406,4 +421,4 @@ def get_gralora_model(
             config = dataclasses.replace(config, target_modules=default)
     layouts = _kernel_layouts(model, params)
     new, _ = add_adapters(params, config, jax.random.PRNGKey(0) if rng is None else rng, layouts=layouts, adapter_dtype=adapter_dtype)
-    return GraLoRAModel(model, config, new, layouts)
+    return GraLoRAModel(model, config, new, layouts, block_layout=block_layout)

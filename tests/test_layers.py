@@ -30,8 +30,9 @@ def _load(name):
     return case, z, {k: jnp.asarray(v) for k, v in adapter.items()}
 
 
-def _module(case):
+def _module(case, block_layout="batched"):
     return layers.GraLoRADense(
+        block_layout=block_layout,
         features=case["out_features"],
         use_bias=case["base_bias"],
         r=case["r"],
@@ -48,10 +49,11 @@ def _variables(case, z, adapter):
     return {"params": p}
 
 
+@pytest.mark.parametrize("block_layout", layers.BLOCK_LAYOUTS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_forward_3d_2d_and_grads(name):
+def test_forward_3d_2d_and_grads(name, block_layout):
     case, z, adapter = _load(name)
-    m = _module(case)
+    m = _module(case, block_layout)
     v = _variables(case, z, adapter)
     np.testing.assert_allclose(m.apply(v, jnp.asarray(z["x"])), z["y"], **TOL)
     np.testing.assert_allclose(m.apply(v, jnp.asarray(z["x_2d"])), z["y_2d"], **TOL)
@@ -127,14 +129,22 @@ def _reference_blocks(x, A, B):
     return out
 
 
+@pytest.mark.parametrize("block_layout", layers.BLOCK_LAYOUTS)
 @pytest.mark.parametrize("in_f,out_f,r,k", [(12, 20, 6, 2), (24, 36, 12, 3), (32, 16, 8, 4), (30, 30, 10, 5)])
-def test_blocks_against_explicit_loop_off_golden_shapes(in_f, out_f, r, k):
+def test_blocks_against_explicit_loop_off_golden_shapes(in_f, out_f, r, k, block_layout):
     a = layers.init_gralora_adapter(jax.random.PRNGKey(1), in_f, out_f, r, k, init_weights=False)
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (2, 3, 4, in_f)))  # extra leading axes
     ref = _reference_blocks(x.astype(np.float64), np.asarray(a["gralora_A"], np.float64), np.asarray(a["gralora_B"], np.float64))
-    np.testing.assert_allclose(layers.adapter_output(jnp.asarray(x), a, 1.0), ref, atol=1e-5, rtol=1e-5)
+    got = layers.adapter_output(jnp.asarray(x), a, 1.0, block_layout=block_layout)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
     # delta kernel consistency: x @ delta == adapter output
     np.testing.assert_allclose(x @ np.asarray(layers.delta_kernel(a, 1.0)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_block_layout_is_refused():
+    a = layers.init_gralora_adapter(jax.random.PRNGKey(1), 8, 8, 4, 2)
+    with pytest.raises(ValueError, match="block layout 'diagonal'"):
+        layers.adapter_output(jnp.ones((2, 8)), a, 1.0, block_layout="diagonal")
 
 
 def test_zero_init_leaves_output_equal_to_base_and_A_bound():

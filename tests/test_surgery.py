@@ -148,3 +148,23 @@ def test_from_pretrained_roundtrip_lora(llama, tmp_path):
     gm.save_pretrained(tmp_path)
     again = GraLoRAModel.from_pretrained(llama, str(tmp_path))
     np.testing.assert_array_equal(np.asarray(again(IDS).logits), np.asarray(gm(IDS).logits))
+
+
+def test_block_layouts_give_the_same_model(llama):
+    """``block_layout="concat"`` is a different arrangement of the same arithmetic: logits and
+    adapter gradients equal the default's (hybrid, k=4, several projections)."""
+    cfg = GraLoRAConfig(r=8, gralora_k=4, hybrid_r=4, init_weights=False, target_modules=["q_proj", "up_proj", "down_proj"])
+    fast = get_gralora_model(llama, cfg, rng=jax.random.PRNGKey(3))
+    lean = get_gralora_model(llama, cfg, rng=jax.random.PRNGKey(3), block_layout="concat")
+    assert lean.block_layout == "concat" and fast.block_layout == "batched"
+    train, frozen = fast.split_params()
+    f = lambda gm: jax.value_and_grad(lambda t: jnp.sum(jnp.tanh(gm.logits_fn(tree_lib.combine(t, frozen), IDS))))(train)
+    (va, ga), (vb, gb) = f(fast), f(lean)
+    np.testing.assert_allclose(vb, va, rtol=1e-6)
+    for p, v in tree_lib.flatten(ga).items():
+        np.testing.assert_allclose(tree_lib.flatten(gb)[p], v, rtol=1e-5, atol=1e-6)
+    # and the adapters matter (the comparison is not between two base models)
+    base = llama(IDS, params=llama.params).logits
+    assert float(jnp.abs(fast.logits_fn(fast.params, IDS) - base).max()) > 1e-3
+    with pytest.raises(ValueError, match="block_layout must be one of"):
+        get_gralora_model(llama, cfg, block_layout="transposed")
