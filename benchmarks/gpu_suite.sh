@@ -1,71 +1,66 @@
 #!/usr/bin/env bash
-# The GPU runs behind docs/benchmarks.md, by stage. Writes JSON/Markdown/logs to $OUT (or ./bench_out).
-#   bash benchmarks/gpu_suite.sh main1b     # one H200: the 1b table, ours vs PEFT, + traces
-#   bash benchmarks/gpu_suite.sh variants   # one H200: 1b loss/contraction variants, 8b with remat
-#   bash benchmarks/gpu_suite.sh scaling    # two H200: 1b on mesh 2x1 (data) and 1x2 (tensor)
-#   bash benchmarks/gpu_suite.sh hf [all|1b|8b|8b-noremat]
-#                                           # one H200: ours beside transformers' FlaxLlama (hf_ methods);
-#                                           # needs the wheels in .whl/ (transformers 4.57.6, huggingface-hub
-#                                           # 0.36.2, tokenizers 0.22.2), installed into /tmp/hfsite and put
-#                                           # on PYTHONPATH of the hf_ children only. "all" (default) = 1b + 8b,
-#                                           # bounded by --budget to end inside 9 minutes.
+# The GPU runs behind docs/benchmarks.md and the README table, by stage. Results go to $OUT
+# (or ./bench_out). Written for nvidia-h200-x2 (two H200s of one host): single-GPU stages run
+# two independent lanes, one per GPU (CUDA_VISIBLE_DEVICES=0 / 1), so two methods are measured
+# at once without sharing a device; on a one-GPU machine run the lanes one after the other
+# (LANES=serial).
+#
+#   bash benchmarks/gpu_suite.sh main1b     # 1b table: attention check, ours (lane 0) | PEFT, 8b remat (lane 1)
+#   bash benchmarks/gpu_suite.sh scaling    # both GPUs: 1b on mesh 2x1 (data) and 1x2 (tensor)
+#   bash benchmarks/gpu_suite.sh hf         # transformers' FlaxLlama at 1b (lane 0) and 8b batch 2 (lane 1)
+#   bash benchmarks/gpu_suite.sh layouts    # GraLoRA block-contraction layouts (memory vs speed)
+#
+# The hf stage needs wheels in .whl/ (transformers 4.57.6, huggingface-hub 0.36.2, tokenizers
+# 0.22.2: the GPU image has transformers 5, without Flax); they are installed into /tmp/hfsite and
+# put on PYTHONPATH of the hf_ children only.
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-B="python3 -m benchmarks.train_throughput --batch 8 --seq 1024"
+B="python3 -m benchmarks.train_throughput --batch 8 --seq 1024 --loss chunked --no-peft"
+B1="$B --shape 1b --steps 10 --warmup 3 --timeout 150"
+
+lanes() {  # lanes "<commands for GPU 0>" "<commands for GPU 1>"
+  if [ "${LANES:-parallel}" = serial ]; then
+    (export CUDA_VISIBLE_DEVICES=0; eval "$1"; eval "$2") > "$OUT/lanes.log" 2>&1
+  else
+    (export CUDA_VISIBLE_DEVICES=0; eval "$1") > "$OUT/lane0.log" 2>&1 &
+    (export CUDA_VISIBLE_DEVICES=1; eval "$2") > "$OUT/lane1.log" 2>&1 &
+    wait
+  fi
+}
+
 case "${1:-main1b}" in
 main1b)
-  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$OUT/nvidia_smi.txt"
-  python3 -c "import jax, torch, peft, transformers, flax, optax; print(jax.__version__, jax.devices(), torch.__version__, peft.__version__, transformers.__version__, flax.__version__, optax.__version__)"
-  $B --shape 1b --steps 10 --warmup 3 --measure-matmul --methods frozen,lora,gralora2,gralora4,gralora4h16,full \
-     --profile lora,gralora4 --profile-dir /tmp/prof --out "$OUT/h200_1b" 2>&1 | tee "$OUT/log_main1b.txt"
-  for m in lora gralora4; do f=$(ls /tmp/prof/$m/plugins/profile/*/perfetto_trace.json.gz | head -1); cp "$f" "$OUT/trace_1b_$m.json.gz"; done
-  ;;
-rest)  # after main1b ran out of time at gralora2: the remaining 1b methods, PEFT, then 8b with remat
-  ( $B --shape 1b --steps 10 --warmup 3 --no-peft --timeout 200 --profile gralora4 --profile-dir /tmp/prof \
-       --methods gralora4,peft_gralora4,peft_lora,gralora4h16,peft_gralora2,peft_gralora4h16,peft_frozen,full \
-       --out "$OUT/h200_1b_rest"
-    $B --shape 8b --steps 5 --warmup 2 --remat full --no-peft --timeout 200 --methods gralora4,peft_gralora4,lora \
-       --out "$OUT/h200_8b_remat"
-  ) 2>&1 | tee "$OUT/log_rest.txt"
-  ;;
-variants)
-  ( $B --shape 1b --steps 10 --warmup 3 --methods lora,gralora4 --attn cudnn --loss chunked --out "$OUT/h200_1b_cudnn_chunked"
-    $B --shape 1b --steps 10 --warmup 3 --no-peft --methods lora,gralora4 --contraction remat --out "$OUT/h200_1b_remat_adapter"
-    $B --shape 1b --steps 10 --warmup 3 --no-peft --methods gralora4 --contraction unrolled --out "$OUT/h200_1b_unrolled"
-    $B --shape 1b --steps 10 --warmup 3 --no-peft --methods lora,gralora4 --contraction bf16 --out "$OUT/h200_1b_bf16"
-    $B --shape 8b --steps 5 --warmup 2 --remat full --loss chunked --methods lora,gralora4,full --out "$OUT/h200_8b_remat"
-  ) 2>&1 | tee "$OUT/log_variants.txt"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$OUT/nvidia_smi.txt"
+  python3 -c "import jax, torch, peft, transformers, flax, optax; print(jax.__version__, jax.devices(), torch.__version__, peft.__version__, transformers.__version__, flax.__version__, optax.__version__)" >> "$OUT/nvidia_smi.txt"
+  lanes \
+    "python3 -m benchmarks.attention_check --json $OUT/attn_check.json > $OUT/attn_check.log 2>&1 || A='--attn xla'
+     $B1 \${A:-} --measure-matmul --methods lora,gralora4,frozen,gralora2,gralora4h16,full --out $OUT/l0_1b
+     $B1 \${A:-} --contraction remat --methods lora,gralora4 --out $OUT/l0_1b_remat" \
+    "$B1 --methods peft_lora,peft_gralora4,peft_frozen,peft_gralora2,peft_gralora4h16 --out $OUT/l1_1b_peft
+     $B --shape 8b --steps 5 --warmup 2 --timeout 200 --remat full --methods gralora4,lora --out $OUT/l1_8b_remat"
+  # one table with the ratios: python -m benchmarks.train_throughput --shape 1b --loss chunked \
+  #   --merge $OUT/l0_1b.json $OUT/l1_1b_peft.json [$OUT/l0_1b_hf.json] --out benchmarks/results/h200_1b
   ;;
 scaling)
-  nvidia-smi --query-gpu=name,memory.total --format=csv
-  ( $B --shape 1b --steps 10 --warmup 3 --no-peft --mesh 2x1 --methods lora,gralora4 --out "$OUT/h200x2_1b_dp"
-    $B --shape 1b --steps 10 --warmup 3 --no-peft --mesh 1x2 --methods lora,gralora4 --out "$OUT/h200x2_1b_tp"
-  ) 2>&1 | tee "$OUT/log_scaling.txt"
+  $B1 --mesh 2x1 --methods lora,gralora4 --out "$OUT/x2_1b_dp" > "$OUT/scaling.log" 2>&1
+  $B1 --mesh 1x2 --methods lora,gralora4 --out "$OUT/x2_1b_tp" >> "$OUT/scaling.log" 2>&1
   ;;
 hf)
-  # FlaxLlama has no gradient checkpointing: at 8b with --remat full its rows are refused (recorded,
-  # no child started) and only ours run; "8b-noremat" compares both stacks at 8b without remat, batch 2.
   rm -rf /tmp/hfsite
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/hfsite .whl/*.whl || exit 1
   export BENCH_HF_PYTHONPATH=/tmp/hfsite
-  PART=${2:-all}
-  case "$PART" in all) T1=320; T8=170 ;; *) T1=500; T8=500 ;; esac
-  (
-    if [ "$PART" = all ] || [ "$PART" = 1b ]; then
-      $B --shape 1b --steps 10 --warmup 3 --no-peft --hf --methods lora,gralora4,frozen \
-         --timeout 200 --budget $T1 --out "$OUT/h200_1b_hf"
-    fi
-    if [ "$PART" = all ] || [ "$PART" = 8b ]; then
-      python3 -m benchmarks.train_throughput --shape 8b --batch 8 --seq 1024 --steps 5 --warmup 2 --remat full \
-         --loss chunked --no-peft --hf --methods lora,gralora4 --timeout 200 --budget $T8 --out "$OUT/h200_8b_remat_hf"
-    fi
-    if [ "$PART" = 8b-noremat ]; then
-      python3 -m benchmarks.train_throughput --shape 8b --batch 2 --seq 1024 --steps 5 --warmup 2 --remat none \
-         --loss chunked --no-peft --hf --methods lora,gralora4 --timeout 200 --budget $T8 --out "$OUT/h200_8b_b2_hf"
-    fi
-  ) 2>&1 | tee "$OUT/log_hf_$PART.txt"
+  # FlaxLlama has no gradient checkpointing, so the 8b comparison is without remat at batch 2
+  lanes "$B1 --methods hf_lora,hf_gralora4,hf_frozen --out $OUT/l0_1b_hf" \
+        "$B --shape 8b --batch 2 --steps 5 --warmup 2 --timeout 200 --methods lora,hf_lora --out $OUT/l1_8b_b2_hf"
+  ;;
+layouts)
+  lanes "$B1 --contraction unrolled --methods gralora4,gralora4h16 --out $OUT/v_unrolled
+         $B1 --contraction concat --methods gralora4,gralora2,gralora4h16 --out $OUT/v_concat" \
+        "$B1 --contraction mixed --methods gralora4 --out $OUT/v_mixed
+         $B1 --methods lora --out $OUT/v_lora
+         $B1 --contraction jfirst_unrolled --methods gralora4,gralora2,gralora4h16 --out $OUT/v_jfirst_unrolled"
   ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac
