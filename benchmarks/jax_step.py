@@ -94,23 +94,32 @@ def apply_method(model, params, method: Method, seed: int):
     return model, params, jax.tree.map(lambda _: True, params)
 
 
+LOSSES = ("full", "chunked", "rows")
+
+
 def make_loss_fn(loss: str, logits: Callable, hidden: Callable, head_kernel: Callable) -> Callable:
     """``loss_fn(params, batch, rng, train) -> (loss, {})`` of next-token prediction on ``input_ids``.
 
     ``loss="full"``: :func:`gralora_jax.losses.causal_lm_loss` on ``logits(params, ids)``;
     ``"chunked"``: :func:`gralora_jax.models.losses.chunked_cross_entropy` of
     ``hidden(params, ids)`` (final, normed hidden state) against ``head_kernel(params)``
-    (``[hidden, vocab]``), 1024 tokens at a time.
+    (``[hidden, vocab]``), 1024 tokens at a time over the *flattened* batch (what the session-2
+    H200 tables used; on a data-parallel mesh the chunks cut across the data shards);
+    ``"rows"``: the library's :func:`gralora_jax.losses.chunked_causal_lm_loss` (what
+    ``make_causal_lm_loss_fn`` uses): the same sum, chunked within each row, so the data axis
+    stays sharded.
     """
-    from gralora_jax.losses import causal_lm_loss
+    from gralora_jax.losses import causal_lm_loss, chunked_causal_lm_loss
     from gralora_jax.models.losses import chunked_cross_entropy
 
-    if loss not in ("full", "chunked"):
-        raise ValueError(f"loss must be 'full' or 'chunked', got {loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
     def loss_fn(p, batch_, rng, train):
         ids = batch_["input_ids"]
-        if loss == "chunked":
+        if loss == "rows":
+            value, _ = chunked_causal_lm_loss(hidden(p, ids), head_kernel(p), ids, chunk_size=1024)
+        elif loss == "chunked":
             # position t predicts ids[t + 1]; the last position predicts nothing (label -1)
             labels = jnp.concatenate([ids[:, 1:], jnp.full((ids.shape[0], 1), -1, ids.dtype)], axis=1)
             value = chunked_cross_entropy(hidden(p, ids), head_kernel(p), labels, chunk_size=1024)

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=128)
     ap.add_argument("--remat", default="none", help="our remat_policy (e.g. full); PEFT side: gradient checkpointing")
     ap.add_argument("--mesh", default="1x1", help="our mesh, data x model (e.g. 2x1, 1x2)")
-    ap.add_argument("--loss", default="full", choices=("full", "chunked"), help="our loss: full logits or chunked CE")
+    ap.add_argument("--loss", default="full", choices=("full", "chunked", "rows"),
+                    help="our loss: full logits, chunked CE over the flattened batch, or per row (the library's)")
     ap.add_argument("--attn", default=None, choices=(None, "xla", "cudnn"), help="our attention implementation")
     ap.add_argument("--contraction", default="library", help="our adapter arithmetic (benchmarks.contractions)")
     ap.add_argument("--peft", dest="peft", action="store_true", default=None)

@@ -249,3 +249,24 @@ def test_hf_on_a_data_mesh_matches_one_device(hf_report):
                mesh="2x1")
     assert r["devices"] == 2
     assert r["loss"] == pytest.approx(one["loss"], abs=1e-4)
+
+
+def test_benchmark_losses_agree_with_the_full_logit_loss():
+    """``chunked`` (flattened batch) and ``rows`` (the library's per-row chunking) compute the
+    same mean next-token cross-entropy as the full-logit loss, for a toy hidden/head pair."""
+    from benchmarks.jax_step import LOSSES, make_loss_fn
+
+    emb = jax.random.normal(jax.random.PRNGKey(0), (50, 8))
+    head = jax.random.normal(jax.random.PRNGKey(1), (8, 50))
+    hidden = lambda p, ids: jnp.tanh(p["emb"][ids])
+    logits = lambda p, ids: hidden(p, ids) @ p["head"]
+    ids = jax.random.randint(jax.random.PRNGKey(2), (3, 700), 0, 50)  # 2100 tokens: chunks do not divide
+    p = {"emb": emb, "head": head}
+    lg = np.asarray(logits(p, ids), np.float64)[:, :-1]
+    lp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+    ref = -np.take_along_axis(lp, np.asarray(ids)[:, 1:, None], -1).mean()
+    for name in LOSSES:
+        value, _ = make_loss_fn(name, logits, hidden, lambda p: p["head"])(p, {"input_ids": ids}, None, True)
+        assert float(value) == pytest.approx(ref, rel=1e-5), name
+    with pytest.raises(ValueError, match="loss must be one of"):
+        make_loss_fn("fused", logits, hidden, lambda p: p["head"])
