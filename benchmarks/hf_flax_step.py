@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.jax_step import apply_method, bench_mesh, make_loss_fn, random_batch, random_params, time_method
+from benchmarks.jax_step import bench_mesh, build_and_time
 from benchmarks.shapes import Method, Shape, hf_unsupported
 
 HF_HINT = (
@@ -120,8 +120,6 @@ def run_hf(
 ) -> dict:
     """Time ``method`` on transformers' FlaxLlama; same arguments and result keys as ``run_jax``
     (plus ``versions["transformers"]`` and ``hf_notes``)."""
-    from gralora_jax.sharding import named_shardings, param_partition_specs
-
     check_hf_options(remat=remat, attn=attn)
     transformers, _, _ = import_flax_llama()
     t_setup = time.perf_counter()
@@ -131,24 +129,11 @@ def run_hf(
     model = build_hf_model(shape, seq)
     phases["build_model"] = time.perf_counter() - t_phase
     shapes_ = bf16_shape_tree(model)
-    base_specs = param_partition_specs(shapes_.params_shape_tree, "llama", mesh_)
-    t_phase = time.perf_counter()
-    params = random_params(shapes_, jax.random.PRNGKey(seed), named_shardings(mesh_, base_specs))
-    jax.block_until_ready(params)
-    phases["init_params"] = time.perf_counter() - t_phase
-    t_phase = time.perf_counter()
-    forward, params, mask = apply_method(model, params, method, seed)
-    loss_fn = make_loss_fn(
-        loss,
-        logits=lambda p, ids: forward(ids, params=p).logits,
-        hidden=lambda p, ids: forward(ids, params=p, output_hidden_states=True).hidden_states[-1],
-        head_kernel=lambda p: p["lm_head"]["kernel"],
-    )
-    data = random_batch(shape, batch, seq, seed, mesh_)
-    jax.block_until_ready(params)
-    phases["surgery"] = time.perf_counter() - t_phase
-    res = time_method(method, loss_fn, params, mask, data, mesh_, steps=steps, warmup=warmup,
-                      contraction=contraction, profile_dir=profile_dir, t_setup=t_setup, phases=phases)
+    res = build_and_time(
+        model, shapes_, shape, method, mesh_,
+        hidden=lambda forward: (lambda p, ids: forward(ids, params=p, output_hidden_states=True).hidden_states[-1]),
+        head_kernel=lambda p: p["lm_head"]["kernel"], batch=batch, seq=seq, steps=steps, warmup=warmup, loss=loss,
+        contraction=contraction, seed=seed, profile_dir=profile_dir, t_setup=t_setup, phases=phases)
     res["versions"]["transformers"] = transformers.__version__
     res["versions"]["transformers_dir"] = os.path.dirname(transformers.__file__)  # did --hf-pythonpath apply?
     res["hf_notes"] = "FlaxLlamaForCausalLM: untied lm_head, rope base 10000, max_position_embeddings=max(seq, 2*head_dim)"

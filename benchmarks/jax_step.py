@@ -266,7 +266,6 @@ def run_jax(
     profile_dir: Optional[str] = None,
 ) -> dict:
     from gralora_jax.models import CausalLM
-    from gralora_jax.sharding import named_shardings, param_partition_specs
 
     t_setup = time.perf_counter()
     mesh_ = bench_mesh(mesh)
@@ -276,20 +275,29 @@ def run_jax(
                                 **shape.hf_config_kwargs())
     model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat_policy=remat,
                              attn_implementation=attn)
-    base_specs = param_partition_specs(model.params_shape_tree, "llama", mesh_)
-    phases = {}  # setup phase -> seconds (the GPU runs showed ~80 s of setup at 1b; this says where)
+    return build_and_time(model, model, shape, method, mesh_, hidden=lambda forward: (
+        lambda p, ids: forward(ids, params=p, compute_logits=False).last_hidden_state),
+        head_kernel=model.lm_head_kernel, batch=batch, seq=seq, steps=steps, warmup=warmup, loss=loss,
+        contraction=contraction, seed=seed, profile_dir=profile_dir, t_setup=t_setup, phases={})
+
+
+def build_and_time(model, shape_tree_holder, shape: Shape, method: Method, mesh_, *, hidden: Callable,
+                   head_kernel: Callable, batch: int, seq: int, steps: int, warmup: int, loss: str,
+                   contraction: str, seed: int, profile_dir: Optional[str], t_setup: float, phases: dict) -> dict:
+    """Random base weights (llama sharding rules), the method's surgery, the loss, a random batch,
+    then :func:`time_method`. ``hidden(forward)`` returns ``(params, ids) -> final hidden state``;
+    ``shape_tree_holder.params_shape_tree`` gives the base tree. Shared by ours and FlaxLlama."""
+    from gralora_jax.sharding import named_shardings, param_partition_specs
+
+    base_specs = param_partition_specs(shape_tree_holder.params_shape_tree, "llama", mesh_)
     t_phase = time.perf_counter()
-    params = random_params(model, jax.random.PRNGKey(seed), named_shardings(mesh_, base_specs))
+    params = random_params(shape_tree_holder, jax.random.PRNGKey(seed), named_shardings(mesh_, base_specs))
     jax.block_until_ready(params)
     phases["init_params"] = time.perf_counter() - t_phase
     t_phase = time.perf_counter()
     forward, params, mask = apply_method(model, params, method, seed)
-    loss_fn = make_loss_fn(
-        loss,
-        logits=lambda p, ids: forward(ids, params=p).logits,
-        hidden=lambda p, ids: forward(ids, params=p, compute_logits=False).last_hidden_state,
-        head_kernel=model.lm_head_kernel,
-    )
+    loss_fn = make_loss_fn(loss, logits=lambda p, ids: forward(ids, params=p).logits, hidden=hidden(forward),
+                           head_kernel=head_kernel)
     data = random_batch(shape, batch, seq, seed, mesh_)
     jax.block_until_ready(params)
     phases["surgery"] = time.perf_counter() - t_phase
