@@ -20,7 +20,9 @@ Implementation choice (``implementation``): ``"xla"`` and ``"cudnn"`` force one;
 bf16/fp16 inputs, head_dim a multiple of 8 up to 128, the no-cache path with no boolean key
 mask (causality, sliding window and right-padding lengths are native to cuDNN) -- and XLA
 everywhere else (CPU, TPU, float32, decoding with a cache, left padding). jax's own ``None``
-still means XLA, hence this choice here (:func:`choose_implementation`).
+still means XLA, hence this choice here (:func:`choose_implementation`). ``"splash"`` (opt-in)
+runs the Pallas TPU splash kernel (:mod:`gralora_jax.models.splash`; through the Pallas
+interpreter off TPU) on the no-cache path.
 
 Gemma2's logit soft-capping is expressible in neither, so :func:`softcap_attention` is a small
 einsum implementation with the same masking and float32 softmax.
@@ -50,6 +52,7 @@ def cache_mask(kv_valid, cache_index, q_len: int, window: Optional[int] = None):
 
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 
 
 def choose_implementation(requested: Optional[str], q, *, key_mask=None, full_mask=None,
@@ -64,8 +67,10 @@ def choose_implementation(requested: Optional[str], q, *, key_mask=None, full_ma
     'xla'
     """
     if requested is not None:
-        if requested not in ("xla", "cudnn"):
-            raise ValueError(f"attention implementation must be None, 'xla' or 'cudnn', got {requested!r}")
+        if requested not in IMPLEMENTATIONS:
+            raise ValueError(f"attention implementation must be None or one of {IMPLEMENTATIONS}, got {requested!r}")
+        if requested == "splash" and full_mask is not None:
+            return "xla"  # the splash kernel has no KV-cache form
         return requested
     backend = backend or jax.default_backend()
     head_dim = q.shape[-1]
@@ -110,13 +115,18 @@ def attention(
     no-cache path where ``T == S`` and causality/window come from positions, plus optional
     ``key_mask`` ``[B, 1, 1, S]`` (bool) or ``kv_lengths`` ``[B]`` (right padding).
     """
+    implementation = choose_implementation(implementation, q, key_mask=key_mask, full_mask=full_mask)
+    if implementation == "splash":
+        from gralora_jax.models.splash import splash_attention
+
+        return splash_attention(q, k, v, scale=scale, window=window, key_mask=key_mask, kv_lengths=kv_lengths,
+                                softcap=softcap, interpret=jax.default_backend() != "tpu")
     if softcap is not None:
         if full_mask is None:
             full_mask = _full_mask(q.shape[1], k.shape[1], window, key_mask)
             if kv_lengths is not None:
                 full_mask = full_mask & (jnp.arange(k.shape[1])[None, None, None, :] < kv_lengths[:, None, None, None])
         return softcap_attention(q, k, v, full_mask, scale=scale, softcap=softcap)
-    implementation = choose_implementation(implementation, q, key_mask=key_mask, full_mask=full_mask)
     if full_mask is not None:
         return jax.nn.dot_product_attention(q, k, v, mask=full_mask, scale=scale, implementation=implementation)
     kw = {}

@@ -49,7 +49,8 @@ class CausalLM:
           scan_layers: ``nn.scan`` over layers; parameters under ``model/layers/scan``.
           remat_policy: per-layer ``jax.checkpoint`` policy name (see ``spec.REMAT_POLICIES``).
           attn_implementation: None (default: cuDNN flash attention on GPU for bf16/fp16 where it
-            applies, XLA elsewhere; see ``models.attention``), or force "xla" / "cudnn".
+            applies, XLA elsewhere; see ``models.attention``), or force "xla" / "cudnn" / "splash"
+            (Pallas TPU splash kernel, ``models.splash``).
           attention_mask_mode: "mask" (any padding) or "lengths" (right padding only, cuDNN-friendly).
           params: optional parameter tree kept as ``self.params`` (used when a call passes none).
         """

@@ -71,7 +71,7 @@ class DecoderSpec:
     initializer_range: float = 0.02  # std of the normal init of kernels and embeddings
     scan_layers: bool = False  # nn.scan over layers (params under model/layers/scan, leading layer axis)
     remat_policy: str = "none"  # jax.checkpoint policy per layer, one of REMAT_POLICIES
-    attn_implementation: Optional[str] = None  # None: cuDNN on GPU where it applies, else XLA; or force "xla"/"cudnn"
+    attn_implementation: Optional[str] = None  # None: cuDNN on GPU where it applies, else XLA; or force "xla"/"cudnn"/"splash"
     attention_mask_mode: str = "mask"  # "mask": any padding; "lengths": right padding only, cuDNN-friendly
 
     def __post_init__(self):
@@ -86,8 +86,9 @@ class DecoderSpec:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; choose from {REMAT_POLICIES}")
         if self.attention_mask_mode not in ("mask", "lengths"):
             raise ValueError(f"attention_mask_mode must be 'mask' or 'lengths', got {self.attention_mask_mode!r}")
-        if self.attn_implementation not in (None, "xla", "cudnn"):
-            raise ValueError(f"attn_implementation must be None, 'xla' or 'cudnn', got {self.attn_implementation!r}")
+        if self.attn_implementation not in (None, "xla", "cudnn", "splash"):
+            raise ValueError(f"attn_implementation must be None, 'xla', 'cudnn' or 'splash', "
+                             f"got {self.attn_implementation!r}")
         if self.scan_layers and len(set(self.windows)) > 1:
             raise ValueError("scan_layers=True needs every layer to have the same attention window; "
                              f"got {self.windows}")
