@@ -173,16 +173,7 @@ class SetupOptions:
 
 def setup_commands(target: Target, opts: SetupOptions) -> list[list[str]]:
     """One ssh to all workers at once that runs :func:`remote.setup_script`."""
-    script = remote.setup_script(
-        remote_dir=opts.remote_dir,
-        venv=opts.venv,
-        python_version=opts.python_version,
-        jax_spec=opts.jax_spec,
-        git_url=opts.git_url,
-        branch=opts.branch,
-        use_constraints=opts.use_constraints,
-        extra_packages=opts.extra_packages,
-    )
+    script = remote.setup_script(**dataclasses.asdict(opts))  # same field names, one source of truth
     return [_ssh(target, "all", script)]
 
 
