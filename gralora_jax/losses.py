@@ -41,16 +41,10 @@ def causal_lm_loss(logits, labels, loss_mask=None):
         raise ValueError(
             f"causal_lm_loss: expected logits [B, T, V] and labels [B, T], got {logits.shape} and {labels.shape}"
         )
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    if loss_mask is None:
-        weights = jnp.ones(targets.shape, jnp.float32)
-    else:
-        if loss_mask.shape != labels.shape:
-            raise ValueError(f"causal_lm_loss: loss_mask shape {loss_mask.shape} != labels shape {labels.shape}")
-        weights = loss_mask[:, 1:].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    targets, weights = next_token_targets(labels, loss_mask)  # the last position has weight 0
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = jnp.where(weights > 0, nll, 0.0)
     n = weights.sum()
     loss = (nll * weights).sum() / jnp.maximum(n, 1.0)
     return loss, n
@@ -66,12 +60,19 @@ def next_token_targets(labels, loss_mask=None):
     if labels.ndim != 2:
         raise ValueError(f"next_token_targets: expected labels [B, T], got shape {labels.shape}")
     if loss_mask is not None and loss_mask.shape != labels.shape:
-        raise ValueError(f"next_token_targets: loss_mask shape {loss_mask.shape} != labels shape {labels.shape}")
+        raise ValueError(f"loss_mask shape {loss_mask.shape} != labels shape {labels.shape}")
     zeros = jnp.zeros((labels.shape[0], 1), jnp.int32)
     targets = jnp.concatenate([labels[:, 1:].astype(jnp.int32), zeros], axis=1)
     w = jnp.ones(labels.shape, jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
     weights = jnp.concatenate([w[:, 1:], jnp.zeros((labels.shape[0], 1), jnp.float32)], axis=1)
     return targets, weights
+
+
+def check_chunk_size(chunk_size) -> int:
+    """``chunk_size`` if it is a positive int, else ``ValueError``."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
 
 
 def chunked_causal_lm_loss(hidden, lm_head_kernel, labels, loss_mask=None, *, chunk_size: int = 1024,
@@ -88,8 +89,7 @@ def chunked_causal_lm_loss(hidden, lm_head_kernel, labels, loss_mask=None, *, ch
         raise ValueError(
             f"chunked_causal_lm_loss: expected hidden [B, T, D] and labels [B, T], got {hidden.shape} and {labels.shape}"
         )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunked_causal_lm_loss: chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     targets, weights = next_token_targets(labels, loss_mask)
     per_row = -(-chunk_size // labels.shape[0])
 

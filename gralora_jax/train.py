@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import signal
 import threading
@@ -47,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gralora_jax import tree as tree_lib
 from gralora_jax.checkpoint import Checkpointer
 from gralora_jax.distributed import global_batch_from_local, is_main_process
-from gralora_jax.losses import causal_lm_loss, chunked_causal_lm_loss
+from gralora_jax.losses import causal_lm_loss, check_chunk_size, chunked_causal_lm_loss
 from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
 from gralora_jax.sharding import batch_spec, named_shardings
 
@@ -325,8 +324,7 @@ def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False, loss: 
     Flax models, objects with only ``logits_fn``); see :func:`select_causal_lm_loss`. The choice
     is ``loss_fn.loss``; it is checked again against the params each call traces with.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     kind = select_causal_lm_loss(gralora_model, loss)
 
     def loss_fn(params, batch, rng, train):
