@@ -1,0 +1,116 @@
+"""Paths and atomic writes for every file the project writes, local or remote (``gs://``).
+
+One rule for all outputs (adapters, configs, merged models, results, metrics, plots): a
+reader never sees a half-written file. Locally a file is written to a temporary name in the
+same directory, flushed to disk and renamed over the target (``os.replace`` is atomic on
+POSIX). Remote paths go through :mod:`etils.epath` (the library orbax uses, so ``gs://``
+works wherever orbax's checkpoints do); object stores publish an object only when its upload
+completes, which gives the same guarantee.
+
+Paths are never passed through :class:`pathlib.Path`, which collapses ``gs://bucket`` into
+``gs:/bucket``. :func:`as_path` returns an ``epath.Path`` that keeps the scheme.
+
+>>> import tempfile, os
+>>> d = tempfile.mkdtemp()
+>>> atomic_write_text(os.path.join(d, "a.json"), '{"x": 1}')
+>>> read_text(os.path.join(d, "a.json"))
+'{"x": 1}'
+>>> str(as_path("gs://bucket/run") / "metrics.jsonl")
+'gs://bucket/run/metrics.jsonl'
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+
+def is_remote(path: PathLike) -> bool:
+    """True for a path with a URL scheme (``gs://``, ``s3://``, ...), False for a local path."""
+    return "://" in os.fspath(path) if not isinstance(path, epath.Path) else "://" in str(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """An ``epath.Path`` for a local or remote path (``gs://x/y`` keeps its double slash)."""
+    return path if isinstance(path, epath.Path) else epath.Path(os.fspath(path))
+
+
+def path_str(path: PathLike) -> str:
+    """The path as a string, scheme intact (for orbax and log lines)."""
+    return str(as_path(path))
+
+
+def join(path: PathLike, *parts: str) -> str:
+    """``path/part/...`` as a string, scheme intact."""
+    p = as_path(path)
+    for part in parts:
+        p = p / part
+    return str(p)
+
+
+def makedirs(path: PathLike) -> None:
+    as_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def exists(path: PathLike) -> bool:
+    return as_path(path).exists()
+
+
+def read_text(path: PathLike) -> str:
+    return as_path(path).read_text()
+
+
+def read_bytes(path: PathLike) -> bytes:
+    return as_path(path).read_bytes()
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    The parent directory is created if missing.
+    """
+    if is_remote(path):
+        p = as_path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)  # an object store publishes the object only once the upload completes
+        return
+    target = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(target) + ".", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(parent)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
