@@ -4,6 +4,9 @@ Imported by the training/checkpoint tests (toy model + data iterator) and run as
 subprocess by the resume / SIGTERM tests:
 
     python tests/_train_worker.py OUT_DIR --steps 6 --ckpt-every 3 [--pause-after 3] [--mesh 4x2]
+        [--signal-self-at 2 --signal INT]        (exits with gralora_jax.train.exit_code(stop_reason))
+    python tests/_train_worker.py --dist-train PROCESS_ID PORT OUT_DIR --steps 12 [--sleep 0.3]
+        (one of two processes training with a Trainer on one 4x2 mesh; prints STEP n per batch)
 
 The model is a bigram-style residual MLP whose Dense layers use HF names (q_proj, o_proj,
 up_proj, down_proj, lm_head) so the llama sharding rules apply; adapters sit beside kernels.
@@ -20,7 +23,7 @@ if __name__ == "__main__":  # device count must be fixed before jax is imported
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     _mesh = sys.argv[sys.argv.index("--mesh") + 1] if "--mesh" in sys.argv else "4x2"
-    if "--dist" in sys.argv:  # two processes x 4 devices make one 4x2 mesh
+    if "--dist" in sys.argv or "--dist-train" in sys.argv:  # two processes x 4 devices make one 4x2 mesh
         _mesh = "2x2"
     _n = 1
     for _d in _mesh.split("x"):
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
 
     from gralora_jax.optim import OptimConfig
     from gralora_jax.sharding import make_mesh, param_partition_specs
-    from gralora_jax.train import TrainConfig, Trainer
+    from gralora_jax.train import TrainConfig, Trainer, exit_code
     from gralora_jax.tree import trainable_mask
 
     ap = argparse.ArgumentParser()
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--ckpt-every", type=int, default=3)
     ap.add_argument("--pause-after", type=int, default=0, help="after this step's checkpoint is committed, block")
-    ap.add_argument("--sigterm-self-at", type=int, default=0, help="send SIGTERM to self during this step")
+    ap.add_argument("--signal-self-at", type=int, default=0, help="send --signal to self when this step's batch is drawn")
+    ap.add_argument("--signal", choices=("INT", "TERM"), default="TERM")
     ap.add_argument("--mesh", default="4x2")
     a = ap.parse_args(argv)
 
@@ -230,8 +234,8 @@ def main(argv=None) -> int:
                 print(f"COMMITTED {trainer.checkpointer.latest_step()}", flush=True)
                 while True:
                     time.sleep(1)
-            if a.sigterm_self_at and nxt == a.sigterm_self_at:
-                os.kill(os.getpid(), signal.SIGTERM)
+            if a.signal_self_at and nxt == a.signal_self_at:
+                os.kill(os.getpid(), getattr(signal, "SIG" + a.signal))
             return next(data)
 
         def state(self):
@@ -244,10 +248,62 @@ def main(argv=None) -> int:
     flat = jax.tree_util.tree_leaves(trainer.state.params)
     np.savez(os.path.join(a.out, f"params_step{trainer.step}.npz"), *[np.asarray(x) for x in flat])
     print(f"DONE {trainer.stop_reason} AT {trainer.step}", flush=True)
-    return 0
+    return exit_code(trainer.stop_reason)
+
+
+def dist_train_main(argv) -> int:
+    """One of two processes running a Trainer on one 4x2 mesh, checkpointing to a shared dir."""
+    import argparse
+    import time
+
+    from jax.experimental import multihost_utils
+
+    from gralora_jax.distributed import maybe_initialize_distributed, process_batch_slice
+    from gralora_jax.sharding import make_mesh, param_partition_specs
+    from gralora_jax.train import TrainConfig, Trainer, exit_code
+    from gralora_jax.tree import trainable_mask
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("process_id", type=int)
+    ap.add_argument("port", type=int)
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds per batch (time to deliver a signal)")
+    a = ap.parse_args(argv)
+    assert maybe_initialize_distributed(f"localhost:{a.port}", 2, a.process_id)
+    mesh = make_mesh("4x2")
+    params = toy_params(0, n_layers=1)
+    cfg = TrainConfig(steps=a.steps, output_dir=a.out, log_every=100, stop_check_every=2, progress=False,
+                      tensorboard=False)
+    trainer = Trainer(loss_fn=toy_loss_fn, params=params, mask=trainable_mask(params), optim=toy_optim(), config=cfg,
+                      mesh=mesh, param_specs=param_partition_specs(params, "llama", mesh),
+                      checkpoint_meta={"adapter_config": {"r": R}, "base_model": "toy"})
+    data, rows = ToyData(), process_batch_slice(8)
+
+    class Local:
+        def __next__(self):
+            print(f"STEP {data.index + 1}", flush=True)
+            time.sleep(a.sleep)
+            return {k: v[rows] for k, v in next(data).items()}
+
+        def state(self):
+            return data.state()
+
+        def restore(self, s):
+            data.restore(s)
+
+    print(f"RESUMED {int(trainer.restore(data))} AT {trainer.step}", flush=True)
+    trainer.fit(Local())
+    flat = multihost_utils.process_allgather(jax.tree_util.tree_leaves(trainer.state.params), tiled=True)
+    if jax.process_index() == 0:
+        np.savez(os.path.join(a.out, f"params_step{trainer.step}.npz"), *[np.asarray(x) for x in flat])
+    print(f"DONE {trainer.stop_reason} AT {trainer.step} CKPT {trainer.checkpointer.latest_step()}", flush=True)
+    return exit_code(trainer.stop_reason)
 
 
 if __name__ == "__main__":
+    if "--dist-train" in sys.argv:
+        sys.exit(dist_train_main(sys.argv[sys.argv.index("--dist-train") + 1:]))
     if "--smoke" in sys.argv:
         sys.exit(smoke_main())
     if "--dist" in sys.argv:
