@@ -22,13 +22,19 @@ from gralora_jax.peft_io import load_adapter, save_adapter
 from gralora_jax.surgery import GraLoRAModel, add_adapters, get_gralora_model
 from gralora_jax.optim import OptimConfig, make_optimizer
 from gralora_jax.sharding import make_mesh, param_partition_specs
-from gralora_jax.train import TrainConfig, Trainer, make_causal_lm_loss_fn, train
-from gralora_jax.checkpoint import Checkpointer
+from gralora_jax.train import (EXIT_CODES, TrainConfig, Trainer, TrainingDiverged, exit_code, make_causal_lm_loss_fn,
+                               train)
+from gralora_jax.checkpoint import Checkpointer, CorruptCheckpointError, check_resume_guard
 from gralora_jax.hostdevices import ensure_host_devices
 from gralora_jax.distributed import maybe_initialize_distributed
 
 __all__ = [
     "Checkpointer",
+    "CorruptCheckpointError",
+    "EXIT_CODES",
+    "TrainingDiverged",
+    "check_resume_guard",
+    "exit_code",
     "OptimConfig",
     "TrainConfig",
     "Trainer",
