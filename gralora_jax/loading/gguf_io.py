@@ -14,7 +14,7 @@ k projections of every head from HF's "rotate halves" rotary layout
 The config comes from the ``llama.*`` metadata (``llama.rope.freq_base`` ->
 ``rope_theta``); a missing ``output.weight`` means tied embeddings. The tokenizer is
 transformers' GGUF tokenizer conversion (``AutoTokenizer.from_pretrained(dir,
-gguf_file=name)``), which reads the metadata only (no torch).
+gguf_file=name, trust_remote_code=False)``), which reads the metadata only (no torch).
 """
 
 from __future__ import annotations
