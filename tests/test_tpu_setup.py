@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tpu_setup import accelerators as A
@@ -122,6 +123,26 @@ def test_mesh_suggestion_sized_by_model():
         A.suggest_mesh("v5litepod-4", params_billion=70)
     with pytest.raises(ValueError, match="positive"):
         A.suggest_mesh("v4-8", params_billion=0)
+
+
+@pytest.mark.parametrize("params_billion", [0.5, 7, 13, 34, 70, 405])
+def test_mesh_model_axis_never_spans_hosts(params_billion):
+    """Across every slice shape and model size: devices multiply out, the model axis fits one
+    host, and every suggestion leaves half of HBM free (recomputed here from the sizes)."""
+    for kind, _, hosts, devices in SHAPES:
+        spec = A.parse_accelerator(kind)
+        try:
+            meshes = A.suggest_meshes(kind, params_billion=params_billion)
+        except ValueError as e:
+            assert "does not fit" in str(e)
+            continue
+        need_gib = params_billion * 1e9 * (2 + 0.01 * 16) / 2**30
+        for mesh in meshes:
+            sizes = [int(s) for s in mesh.split("x")]
+            assert np.prod(sizes) == devices and sizes[-1] <= devices // hosts, (kind, mesh)
+            sharded_over = sizes[-1] * (sizes[1] if len(sizes) == 3 else 1)
+            assert need_gib / sharded_over <= spec.hbm_gib_per_device / 2, (kind, mesh)
+    assert A.suggest_meshes("v4-128", params_billion=405) == ["1x64x1"]  # FSDP when nothing else fits
 
 
 # ----------------------------------------------------------------------------- argv of every action
