@@ -18,6 +18,7 @@ from gralora_jax.layers import (
     unmerge,
 )
 from gralora_jax.loading import load_pretrained, load_tokenizer
+from gralora_jax.models.inputs import check_token_ids
 from gralora_jax.peft_io import load_adapter, save_adapter
 from gralora_jax.surgery import GraLoRAModel, add_adapters, get_gralora_model
 from gralora_jax.optim import OptimConfig, make_optimizer
@@ -32,6 +33,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "Trainer",
+    "check_token_ids",
     "ensure_host_devices",
     "make_causal_lm_loss_fn",
     "make_mesh",

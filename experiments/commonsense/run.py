@@ -107,6 +107,7 @@ def make_decoder(gm, tokenizer, cfg: ExperimentConfig):
 
 def run(cfg: ExperimentConfig) -> dict:
     from gralora_jax import sharding, tree
+    from gralora_jax.models.inputs import check_token_ids
     from gralora_jax.loading.pretrained import load_pretrained, load_tokenizer
     from gralora_jax.optim import OptimConfig
     from gralora_jax.surgery import get_gralora_model
@@ -144,6 +145,9 @@ def run(cfg: ExperimentConfig) -> dict:
     # --- data
     records = data_lib.load_train_records(train_src)
     examples = data_lib.tokenize_records(tokenizer, records, cfg.cutoff_len, cfg.mask_prompt)
+    if examples:  # an id past the model's vocabulary would give NaN logits inside jit: refuse it here
+        check_token_ids(np.concatenate([e.input_ids for e in examples]), model.config.vocab_size,
+                        what=f"token ids of {train_src} (tokenizer of {model_src})")
     from gralora_jax.distributed import process_batch_slice
 
     rows = process_batch_slice(cfg.batch_size) if jax.process_count() > 1 else None
