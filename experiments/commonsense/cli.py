@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cache-dir", help="where the embedded model/data go (default ~/.cache/gralora_jax/commonsense)")
     a("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: end and SIGTERM only)")
     a("--log-every", type=int, default=10)
+    from gralora_jax.distributed import add_arguments
+
+    add_arguments(p.add_argument_group("multi-process runs"))  # --coordinator-address, --num-processes, --process-id
     return p
 
 
@@ -229,9 +232,14 @@ def mesh_size(spec: str) -> int:
 def main(argv: Sequence[str] | None = None) -> dict:
     ns = build_parser().parse_args(argv)
     n = mesh_size(ns.mesh)
-    from gralora_jax.hostdevices import ensure_host_devices  # imports no jax
+    from gralora_jax import distributed  # imports jax, starts no backend
 
-    ensure_host_devices(n)
+    # before any backend use: join a multi-process run if launched as one, create CPU host devices
+    try:
+        dist = distributed.DistributedConfig.from_args(ns)
+    except ValueError as e:
+        build_parser().error(str(e))
+    distributed.initialize(dist, devices=n)
     cfg = config_from_args(ns)
     from experiments.commonsense.run import run  # jax is imported from here on
 

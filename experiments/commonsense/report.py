@@ -24,10 +24,10 @@ def chance_levels(eval_sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[
 
 def write_predictions(directory: str | pathlib.Path, results: Mapping[str, TaskResult]) -> None:
     """``directory/<task>.json``: per record the answer, the prediction and (generate) the output text."""
-    d = pathlib.Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    from gralora_jax import fileio
+
     for task, r in results.items():
-        (d / f"{task}.json").write_text(json.dumps(r.records, indent=1))
+        fileio.atomic_write_text(fileio.join(directory, f"{task}.json"), json.dumps(r.records, indent=1))
 
 
 def plot(results: Mapping[str, Any], path: str | pathlib.Path, title: str = "") -> None:
@@ -61,5 +61,11 @@ def plot(results: Mapping[str, Any], path: str | pathlib.Path, title: str = "") 
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    import io
+
+    from gralora_jax import fileio
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    fileio.atomic_write_bytes(path, buf.getvalue())

@@ -106,21 +106,27 @@ def make_decoder(gm, tokenizer, cfg: ExperimentConfig):
 
 
 def run(cfg: ExperimentConfig) -> dict:
-    from gralora_jax import sharding, tree
-    from gralora_jax.loading.pretrained import load_pretrained, load_tokenizer
-    from gralora_jax.optim import OptimConfig
+    """The whole pipeline; with several processes (``jax.distributed`` started by the CLI) every
+    process runs it, process 0 alone writes files, and what is gathered for export/evaluation
+    is gathered by all."""
+    import contextlib
+
+    from gralora_jax import fileio, sharding
+    from gralora_jax.distributed import on_main_process, process_batch_slice
+    from gralora_jax.loading.pretrained import load_tokenizer
+    from gralora_jax.loading.sharded import load_pretrained_sharded
     from gralora_jax.surgery import get_gralora_model
-    from gralora_jax.train import TrainConfig, Trainer, make_causal_lm_loss_fn
 
     t0 = time.time()
-    out = pathlib.Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fileio.path_str(cfg.output_dir)  # gs://bucket/run keeps its double slash
+    on_main_process(fileio.makedirs, out)
     model_src, train_src, eval_dir = resolve_sources(cfg)
     _log(f"model: {model_src}\ntrain data: {train_src}\neval dir: {eval_dir}")
 
-    # --- model, tokenizer, adapters
+    # --- mesh, then the base placed on it shard by shard (the only placed copy of the base)
+    mesh = sharding.make_mesh(cfg.mesh)
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    model, params = load_pretrained(model_src, dtype=dtype)
+    model, params = load_pretrained_sharded(model_src, mesh, dtype=dtype)
     tokenizer = load_tokenizer(model_src)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -132,8 +138,6 @@ def run(cfg: ExperimentConfig) -> dict:
         gm.print_trainable_parameters()
     mask = gm.trainable_mask(full=cfg.method == "full")
 
-    # --- mesh
-    mesh = sharding.make_mesh(cfg.mesh)
     model_type = getattr(getattr(model, "config", None), "model_type", "default")
     rules = model_type if model_type in sharding.RULES else "default"
     specs = sharding.param_partition_specs(gm.params, rules, mesh)
@@ -144,8 +148,6 @@ def run(cfg: ExperimentConfig) -> dict:
     # --- data
     records = data_lib.load_train_records(train_src)
     examples = data_lib.tokenize_records(tokenizer, records, cfg.cutoff_len, cfg.mask_prompt)
-    from gralora_jax.distributed import process_batch_slice
-
     rows = process_batch_slice(cfg.batch_size) if jax.process_count() > 1 else None
     it = data_lib.BatchIterator(examples, cfg.batch_size, tokenizer.pad_token_id, data_lib.buckets(cfg.cutoff_len),
                                 seed=cfg.seed, rows=rows)
@@ -164,7 +166,27 @@ def run(cfg: ExperimentConfig) -> dict:
 
     results: dict[str, Any] = {"config": dataclasses.asdict(cfg), "model": model_src, "train_data": train_src,
                                "eval_dir": eval_dir}
-    placed = sharding.shard_params(gm.params, mesh, specs)
+    placed = sharding.shard_params(gm.params, mesh, specs)  # base leaves are already in place: no copy
+    # the mesh in context lets attention kernels that need it (splash on TPU) shard themselves
+    mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else contextlib.nullcontext()
+    with mesh_ctx:
+        return _train_export_evaluate(cfg, gm, acfg, mask, mesh, specs, placed, it, steps, evaluate, results,
+                                      out, model_src, tokenizer, eval_sets, t0)
+
+
+def _write_json(path: str, obj) -> None:
+    from gralora_jax import fileio
+
+    fileio.atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def _train_export_evaluate(cfg, gm, acfg, mask, mesh, specs, placed, it, steps, evaluate, results, out, model_src,
+                           tokenizer, eval_sets, t0) -> dict:
+    from gralora_jax import fileio
+    from gralora_jax.distributed import gather_to_host, is_main_process, on_main_process
+    from gralora_jax.optim import OptimConfig
+    from gralora_jax.train import TrainConfig, Trainer, make_causal_lm_loss_fn
+
     if cfg.eval_before:
         _log("evaluating before training ...")
         results["before"] = eval_lib.summarize(evaluate(placed))
@@ -174,10 +196,10 @@ def run(cfg: ExperimentConfig) -> dict:
     optim = OptimConfig(optimizer=cfg.optimizer, learning_rate=cfg.lr, total_steps=max(steps, 1),
                         warmup_ratio=cfg.warmup_ratio, schedule="cosine", weight_decay=cfg.weight_decay,
                         b1=0.9, b2=0.95 if cfg.optimizer == "lion" else 0.999)
-    tcfg = TrainConfig(steps=max(steps, 1), grad_accum=cfg.grad_accum, output_dir=str(out), seed=cfg.seed,
+    tcfg = TrainConfig(steps=max(steps, 1), grad_accum=cfg.grad_accum, output_dir=out, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, progress=False,
                        tensorboard=False)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = fileio.as_path(out) / "checkpoints"
     if not cfg.resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
         raise ValueError(f"{ckpt_dir} holds checkpoints but --no-resume was given: choose another --output-dir "
                          "or delete them")
@@ -185,7 +207,7 @@ def run(cfg: ExperimentConfig) -> dict:
     if steps > 0:
         meta = {"adapter_config": acfg.to_peft_dict() if acfg is not None else {"method": "full"},
                 "base_model": model_src, "user": {"experiment": "commonsense", "method": cfg.method}}
-        trainer = Trainer(loss_fn=make_causal_lm_loss_fn(gm, model_dropout=False), params=gm.params, mask=mask,
+        trainer = Trainer(loss_fn=make_causal_lm_loss_fn(gm, model_dropout=False), params=placed, mask=mask,
                           optim=optim, config=tcfg, mesh=mesh, param_specs=specs, checkpoint_meta=meta)
         if cfg.resume and trainer.restore(it):
             _log(f"resumed from step {trainer.step} (data position {it.state()})")
@@ -197,18 +219,19 @@ def run(cfg: ExperimentConfig) -> dict:
         trained = trainer.full_params()
         if trainer.stop_reason != "done":
             _log("stopped before the end (SIGTERM): checkpoint saved; run again to resume")
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+            on_main_process(_write_json, fileio.join(out, "results.json"), results)
             return results
 
-    # --- export
-    host = jax.device_get(trained)
+    # --- export: gather (all processes), write (process 0)
     if acfg is not None:
-        gm.save_pretrained(out / "adapter", params=host)
-        _log(f"adapter (PEFT format) -> {out / 'adapter'}")
+        adapters = gather_to_host(gm.adapter_params(trained))
+        on_main_process(gm.save_pretrained, fileio.join(out, "adapter"), params=adapters)
+        _log(f"adapter (PEFT format) -> {fileio.join(out, 'adapter')}")
     if cfg.export_merged or acfg is None:
-        merged = gm.merge_and_unload(host) if acfg is not None else host
-        dest = out / ("merged" if acfg is not None else "model")
-        export_hf(merged, model_src, dest, tokenizer)
+        host = gather_to_host(trained)
+        dest = fileio.join(out, "merged" if acfg is not None else "model")
+        if is_main_process():
+            export_hf(gm.merge_and_unload(host) if acfg is not None else host, model_src, pathlib.Path(dest), tokenizer)
         _log(f"{'merged model' if acfg is not None else 'model'} (HF layout) -> {dest}")
 
     # --- evaluate
@@ -218,11 +241,13 @@ def run(cfg: ExperimentConfig) -> dict:
     results["average"] = results["after"]["average"]
     results["chance"] = report.chance_levels(eval_sets)
     results["seconds"] = round(time.time() - t0, 1)
-    report.write_predictions(out / "predictions", res)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    report.plot(results, out / "accuracy.png", title=f"{cfg.method} on {'embedded synthetic' if cfg.model is None else cfg.model}")
+    if is_main_process():
+        report.write_predictions(fileio.join(out, "predictions"), res)
+        _write_json(fileio.join(out, "results.json"), results)
+        report.plot(results, fileio.join(out, "accuracy.png"),
+                    title=f"{cfg.method} on {'embedded synthetic' if cfg.model is None else cfg.model}")
     _log(eval_lib.format_table(results["after"], f"{cfg.method}: accuracy after training"))
-    _log(f"results -> {out / 'results.json'}, plot -> {out / 'accuracy.png'}")
+    _log(f"results -> {fileio.join(out, 'results.json')}, plot -> {fileio.join(out, 'accuracy.png')}")
     return results
 
 
