@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Sequence
 
 from experiments.commonsense import config as config_lib
@@ -59,11 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = Parser(
         prog="python -m experiments.commonsense",
-        description=(
+        description=textwrap.fill(
             "GraLoRA/LoRA/full fine-tuning on commonsense_170k and evaluation on the eight LLM-Adapters tasks. "
             "With no --model: an embedded tiny random Llama + synthetic data (no network). Unset options take "
-            "the paper preset's value with --model and the embedded preset's otherwise (both shown per option)."
-        ),
+            "the paper preset's value with --model and the embedded preset's otherwise (both shown per option).",
+            width=100),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
@@ -98,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse(argv)
         out_dir = cfg.out_dir
         existed = os.path.exists(out_dir)
+        config_lib.micro_batch_size(cfg)  # batch vs micro-batch vs mesh: checked before any device exists
         from gralora_jax.hostdevices import ensure_host_devices  # imports no jax
 
         try:
@@ -107,7 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from experiments.commonsense import run as run_lib  # jax is imported from here on
 
         results = run_lib.run(cfg)
-        return run_lib.EXIT_CODES.get(results["train"]["stop_reason"], FAILURE)
+        reason = results["train"]["stop_reason"]
+        if reason == "diverged":
+            raise FloatingPointError(f"training diverged at step {results['train']['steps']}; the last finite "
+                                     "state is the checkpoint, nothing was exported")
+        return run_lib.EXIT_CODES.get(reason, FAILURE)
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         return USAGE_ERROR

@@ -207,8 +207,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if not m["cli"]:
             continue
         typ = _base_type(name)
-        shown = f.default if name not in PAPER else f"{f.default} embedded, {PAPER[name]} with --model"
-        help_ = m["help"] + ("" if f.default is None or typ is tuple else f" (default: {shown})")
+        default = "all" if f.default == TASKS else ",".join(f.default) if isinstance(f.default, tuple) else f.default
+        shown = default if name not in PAPER else f"{default} embedded, {PAPER[name]} with --model"
+        help_ = m["help"] + ("" if f.default is None else f" (default: {shown})")
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_, dest=name)
         if typ is bool:
             kw["action"] = argparse.BooleanOptionalAction

@@ -77,13 +77,13 @@ def read_json_records(path: str | os.PathLike) -> list:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{p} line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
+                    raise UserError(f"{p} line {n}: not valid JSON: {e.msg} (column {e.colno})") from None
         return records
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        hint = " (truncated?)" if e.pos >= len(text.rstrip()) else ""
-        raise UserError(f"{p}: not valid JSON{hint} ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        hint = " (truncated?)" if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated") else ""
+        raise UserError(f"{p}: not valid JSON{hint}: {e.msg} (line {e.lineno}, column {e.colno})") from None
 
 
 def load_train_records(source: str | os.PathLike, split: str = "train") -> list[dict]:

@@ -120,8 +120,11 @@ def _embedded_sources(cfg: ExperimentConfig) -> tuple[str, str, str]:
 def _make_mesh(cfg: ExperimentConfig):
     from gralora_jax import sharding
 
+    devices = jax.devices()
+    if devices[0].platform == "cpu":  # host devices are virtual: a smaller mesh may use the first ones
+        devices = devices[: config_lib.mesh_devices(cfg)]
     try:
-        return sharding.make_mesh(cfg.mesh)
+        return sharding.make_mesh(cfg.mesh, devices)
     except ValueError as e:
         raise UserError(f"--mesh {cfg.mesh}: {e}") from None
 
