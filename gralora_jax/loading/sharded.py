@@ -13,6 +13,12 @@ leaf once per host, not once per device). There is one placed copy of the base, 
 HF Flax ``.msgpack`` and GGUF checkpoints have no such lazy form: they are read whole on each
 host, then placed shard by shard the same way.
 
+``model_options`` (``scan_layers``, ``remat_policy``, ``attn_implementation``: see
+:mod:`gralora_jax.models`) build our model with those options; with ``scan_layers`` the
+per-layer tensors are presented as one stacked ``[L, ...]`` leaf per parameter
+(``model/layers/scan/...``, the layout of :mod:`gralora_jax.models.layout`) whose blocks are
+read layer by layer, so stacking costs no extra copy either.
+
 >>> from gralora_jax.sharding import make_mesh                                # doctest: +SKIP
 >>> model, params = load_pretrained_sharded("meta-llama/Llama-3.1-8B", make_mesh("2x8x1"),
 ...                                         dtype=jnp.bfloat16)               # doctest: +SKIP
@@ -54,7 +60,31 @@ def place_host_leaf(view, sharding: jax.sharding.Sharding, dtype=None) -> jax.Ar
             cache[key] = _read_block(view, index, dtype)
         return cache[key]
 
-    return jax.make_array_from_callback(tuple(np.shape(view)), sharding, block)
+    return jax.make_array_from_callback(tuple(view.shape), sharding, block)
+
+
+class _Stacked:
+    """Per-layer host arrays seen as one ``[L, ...]`` array; indexing reads only the layers and block asked for."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.shape = (len(parts), *np.shape(parts[0]))
+        self.dtype = parts[0].dtype
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        return np.stack([np.asarray(self.parts[i][index[1:]]) for i in range(len(self.parts))[index[0]]])
+
+
+def _stack_layers(views: Mapping) -> dict:
+    """``model/layers/<i>/...`` -> ``model/layers/scan/...`` (lazily stacked leaves)."""
+    layers = views["model"]["layers"]
+    keys = sorted(layers, key=int)
+    per_layer = [flatten(layers[k]) for k in keys]
+    stacked = {p: _Stacked([flat[p] for flat in per_layer]) for p in per_layer[0]}
+    out = dict(views)
+    out["model"] = {**views["model"], "layers": {"scan": unflatten(stacked)}}
+    return out
 
 
 def load_pretrained_sharded(
@@ -68,6 +98,7 @@ def load_pretrained_sharded(
     use_ours: bool | None = None,
     revision: str | None = None,
     strict: bool = True,
+    model_options: Mapping[str, Any] | None = None,
 ):
     """Load a checkpoint (dir, hub id or ``.gguf``) directly onto ``mesh`` -> ``(model, params)``.
 
@@ -79,6 +110,8 @@ def load_pretrained_sharded(
         architecture name or a list of ``(regex, spec)``); default: the config's
         ``model_type`` when it has rules, else replicated.
       specs: a tree of ``PartitionSpec`` to use instead of ``rules``.
+      model_options: keyword options for our model class (``scan_layers``, ``remat_policy``,
+        ``attn_implementation``); needs a model type :mod:`gralora_jax.models` supports.
 
     The returned params are global ``jax.Array`` leaves with
     ``NamedSharding(mesh, spec)``; adapters added later get their specs from the same
@@ -90,8 +123,14 @@ def load_pretrained_sharded(
     config = load_config(src)
     param_dtype = param_dtype or dtype
     model = build_model(config, dtype=dtype, param_dtype=param_dtype, use_ours=use_ours)
-    shapes = param_shapes(model)
+    shapes = param_shapes(model)  # the unrolled layout the checkpoint maps onto
     views = load_params(src, shapes, tie_word_embeddings=getattr(config, "tie_word_embeddings", False), strict=strict)
+    if model_options:
+        from gralora_jax.models import auto_model
+
+        model = auto_model(config, dtype=dtype, param_dtype=param_dtype, **model_options)
+        if model_options.get("scan_layers"):
+            views = _stack_layers(views)
     if specs is None:
         if rules is None:
             model_type = getattr(config, "model_type", "default")
