@@ -15,11 +15,11 @@ case "$stage" in
     $UP --shape 135m --records 1500 --epochs 2 --batch 16 --seq 256 --natural-length --no-library \
         --cli-args "--r 32 --alpha 64 --k 4 --dropout 0.05 --lr 5e-4 --optimizer adamw" \
         --label "135m social_iqa 2 ep, gralora" --out "$R/135m_gralora" 2>&1 | tee "$R/135m_gralora.log"
+    $UP --shape 1b --batch 16 --seq 256 --steps 30 --label "1b paper preset" --out "$R/1b_16x256" 2>&1 | tee "$R/1b_16x256.log"
+    $UP --shape 1b --batch 8 --seq 1024 --steps 30 --label "1b paper preset" --out "$R/1b_8x1024" 2>&1 | tee "$R/1b_8x1024.log"
     $UP --shape 135m --records 1500 --epochs 2 --batch 16 --seq 256 --natural-length --no-library --method lora \
         --cli-args "--r 32 --alpha 64 --dropout 0.05 --lr 5e-4 --optimizer adamw" \
         --label "135m social_iqa 2 ep, lora" --out "$R/135m_lora" 2>&1 | tee "$R/135m_lora.log"
-    $UP --shape 1b --batch 16 --seq 256 --steps 30 --label "1b paper preset" --out "$R/1b_16x256" 2>&1 | tee "$R/1b_16x256.log"
-    $UP --shape 1b --batch 8 --seq 1024 --steps 30 --label "1b paper preset" --out "$R/1b_8x1024" 2>&1 | tee "$R/1b_8x1024.log"
     ;;
   big)
     $UP --shape 8b --batch 16 --seq 256 --steps 20 --library-remat full --label "8b paper preset" --out "$R/8b_16x256" 2>&1 | tee "$R/8b_16x256.log"
