@@ -146,11 +146,33 @@ def dropout_keep_masks(rng: Array, rate: float, shape: tuple[int, ...], count: i
     ((2, 1000, 100), dtype('bool'), 0.75, True)
     """
     dt = dropout_mask_dtype(rate)
+    if DROPOUT_RNG_IMPL == "hash":
+        return _hash_keep_masks(rng, rate, shape, count)
     seed = jax.random.bits(rng, (4,), jnp.uint32)  # a few threefry words, whatever the key's impl
     key = jax.random.wrap_key_data(seed, impl=DROPOUT_RNG_IMPL)
     bits = jax.random.bits(key, (count, *shape), dt)
     threshold = round(rate * 2 ** jnp.iinfo(dt).bits)
     return bits >= jnp.asarray(threshold, dt)
+
+
+def _mix32(h: Array) -> Array:
+    """A 32-bit integer finaliser (xor-shift-multiply, full avalanche): a bijection on uint32."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def _hash_keep_masks(rng: Array, rate: float, shape: tuple[int, ...], count: int) -> Array:
+    """Keep masks from a keyed counter hash: element ``i`` of mask ``c`` is kept when
+    ``mix(mix(i) ^ seed_c) >= rate * 2**32``, ``seed_c`` drawn from ``rng`` (one small threefry op).
+    Only elementwise integer ops, which XLA fuses into the consumer: no RNG op per module."""
+    seeds = jax.random.bits(rng, (count,), jnp.uint32)
+    n = math.prod(shape)
+    idx = _mix32(jax.lax.iota(jnp.uint32, n).reshape(shape))
+    threshold = jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+    return jnp.stack([_mix32(idx ^ seeds[c]) >= threshold for c in range(count)])
 
 
 def _dropped_inputs(x: Array, rate: float, rng: Optional[Array], count: int) -> tuple[list[Array], float]:
