@@ -12,6 +12,16 @@ with the template state: any difference in config, base identity, leaf paths, sh
 dtypes raises ``ValueError`` before a single array is read, so nothing is half-loaded.
 Arrays are restored straight into the template's shardings (any mesh).
 
+Nothing non-finite is ever written: :meth:`Checkpointer.save` refuses a state with a NaN/Inf
+leaf (``FloatingPointError``). A checkpoint that cannot be read, or that holds non-finite
+values (written by an older version), is *corrupt*: :meth:`Checkpointer.restore_latest`
+warns, deletes it and falls back to the previous good step, so keep at least two.
+
+A *resume guard* is a caller-chosen dict of settings that must not change across a resume
+(schedule length, learning rate, batch size, ...). It is stored in the metadata and
+:func:`check_resume_guard` compares it with the current one from the metadata alone, before
+any model or train step exists; :meth:`Checkpointer.restore` checks it too.
+
 >>> ckpt = Checkpointer("/tmp/run/ckpt", keep=2, adapter_config={"r": 8})  # doctest: +SKIP
 >>> ckpt.save(state, data_state={"epoch": 0, "index": 96})                  # doctest: +SKIP
 >>> state, data_state = ckpt.restore_latest(template_state)                 # doctest: +SKIP
@@ -24,20 +34,63 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gralora_jax import fileio
 from gralora_jax import tree as tree_lib
 
 FORMAT = "gralora_jax.train_state/1"
 
 
+MIN_KEEP = 2  # a corrupt latest checkpoint needs a previous one to fall back to
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step that cannot be read or holds non-finite values (restore falls back past it)."""
+
+
 def _abs(directory) -> str:
-    directory = os.fspath(directory)
-    return directory if "://" in directory else os.path.abspath(directory)
+    return fileio.path_str(directory) if fileio.is_remote(directory) else os.path.abspath(os.fspath(directory))
+
+
+def _finite_flags(leaves: list) -> jax.Array:
+    """One bool per leaf: all elements finite (non-float leaves are always finite)."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+                      for x in leaves])
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Key paths of the leaves of ``tree`` holding a NaN or Inf (one small device reduction,
+    replicated over the leaves' mesh so every process can read it)."""
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    if not with_path:
+        return []
+    leaves = [v for _, v in with_path]
+    sharding = getattr(leaves[0], "sharding", None)
+    out = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+           if isinstance(sharding, jax.sharding.NamedSharding) else None)
+    with jax.transfer_guard_device_to_host("allow"):
+        flags = np.asarray(jax.device_get(jax.jit(_finite_flags, out_shardings=out)(leaves)))
+    return [jax.tree_util.keystr(k) for (k, _), ok in zip(with_path, flags) if not ok]
+
+
+def guard_differences(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> list[str]:
+    """``["key saved -> current", ...]`` for every key whose value differs (JSON-normalised)."""
+    a, b = _jsonable(dict(saved or {})), _jsonable(dict(current or {}))
+    unset = "<unset>"
+    return [f"{k} {a.get(k, unset)!r} -> {b.get(k, unset)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, unset) != b.get(k, unset)]
+
+
+def _guard_error(directory: str, step: int, diffs: list[str]) -> ValueError:
+    return ValueError(f"cannot resume from {directory} (step {step}): settings changed since that checkpoint: "
+                      f"{', '.join(diffs)}; use the original settings or another output directory")
 
 
 def param_shapes_hash(params: Mapping[str, Any]) -> str:
@@ -66,6 +119,9 @@ class Checkpointer:
     ``base_model``: name or path of the base model; ``base_params``: the full params tree (or
     shapes) whose path/shape hash identifies the base (both compared on restore when given).
     ``mesh``: recorded only (restoring onto another mesh is allowed). ``user``: any JSON dict.
+    ``resume_guard``: settings that must not change across a resume (see
+    :func:`check_resume_guard`); ``None`` = not checked. After a restore, ``last_meta`` is the
+    restored checkpoint's metadata (``progress`` holds what the trainer stored with ``extra``).
     """
 
     def __init__(
@@ -78,23 +134,27 @@ class Checkpointer:
         base_params: Mapping[str, Any] | None = None,
         mesh=None,
         user: Mapping[str, Any] | None = None,
+        resume_guard: Mapping[str, Any] | None = None,
         async_save: bool = True,
     ):
-        if keep is not None and keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+        if keep is None or keep < MIN_KEEP:
+            raise ValueError(f"keep must be >= {MIN_KEEP} (a corrupt latest checkpoint falls back to the previous one), "
+                             f"got {keep}")
         self.directory = _abs(directory)
         self.adapter_config = _jsonable(dict(adapter_config)) if adapter_config is not None else None
         self.base_model = None if base_model is None else str(base_model)
         self.base_hash = param_shapes_hash(base_params) if base_params is not None else None
         self.mesh = dict(mesh.shape) if mesh is not None else None
         self.user = _jsonable(dict(user or {}))
+        self.resume_guard = None if resume_guard is None else _jsonable(dict(resume_guard))
+        self.last_meta: dict | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     # ------------------------------------------------------------------ save
-    def metadata(self, state: Any, step: int, data_state: Any = None) -> dict:
+    def metadata(self, state: Any, step: int, data_state: Any = None, extra: Mapping[str, Any] | None = None) -> dict:
         return {
             "format": FORMAT,
             "step": int(step),
@@ -104,24 +164,35 @@ class Checkpointer:
             "mesh": self.mesh,
             "user": self.user,
             "data_state": _jsonable(data_state),
+            "resume_guard": self.resume_guard,
+            "progress": _jsonable(dict(extra or {})),
         }
 
-    def save(self, state: Any, *, step: int | None = None, data_state: Any = None, force: bool = True) -> bool:
+    def save(self, state: Any, *, step: int | None = None, data_state: Any = None, force: bool = True,
+             extra: Mapping[str, Any] | None = None) -> bool:
         """Start saving ``state`` (a pytree; ``state.step`` gives the step unless ``step`` is
         passed). Returns once the arrays are copied off the devices; writing continues in the
-        background until :meth:`wait_until_finished`. ``data_state`` must be JSON-serialisable."""
+        background until :meth:`wait_until_finished`. ``data_state`` and ``extra`` (stored as the
+        metadata's ``progress``) must be JSON-serialisable. A state with a NaN/Inf leaf raises
+        ``FloatingPointError`` and nothing is written."""
+        bad = nonfinite_leaves(state)
+        if bad:
+            raise FloatingPointError(f"refusing to checkpoint a non-finite state: NaN/Inf in {', '.join(bad[:5])}"
+                                     + (" ..." if len(bad) > 5 else ""))
         if step is None:
-            step = int(jax.device_get(state.step))
+            with jax.transfer_guard_device_to_host("allow"):
+                step = int(jax.device_get(state.step))
         leaves = jax.tree_util.tree_leaves(state)
         items = {f"leaf_{i:05d}": v for i, v in enumerate(leaves)}
-        return self._manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(items),
-                meta=ocp.args.JsonSave(self.metadata(state, step, data_state)),
-            ),
-            force=force,
-        )
+        with jax.transfer_guard_device_to_host("allow"):
+            return self._manager.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(items),
+                    meta=ocp.args.JsonSave(self.metadata(state, step, data_state, extra)),
+                ),
+                force=force,
+            )
 
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()
@@ -145,14 +216,19 @@ class Checkpointer:
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # missing/corrupt metadata file
-            raise ValueError(f"checkpoint step {step} in {self.directory} is corrupt or incomplete: {e}") from e
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is corrupt or incomplete: {_first_line(e)}") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"checkpoint step {step} in {self.directory} is not a {FORMAT} checkpoint")
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} is not a {FORMAT} checkpoint")
         return meta
 
     def check_compatible(self, meta: Mapping[str, Any], template_state: Any) -> None:
         """Raise ``ValueError`` listing every difference between a checkpoint and this run."""
         problems = []
+        if self.resume_guard is not None and meta.get("resume_guard") is not None:
+            diffs = guard_differences(meta["resume_guard"], self.resume_guard)
+            if diffs:
+                raise _guard_error(self.directory, int(meta.get("step", -1)), diffs)
         if meta.get("adapter_config") != self.adapter_config:
             problems.append(
                 f"adapter config differs: checkpoint {meta.get('adapter_config')} vs this run {self.adapter_config}"
@@ -182,7 +258,8 @@ class Checkpointer:
         """Restore ``step`` into the structure of ``template_state`` -> ``(state, data_state)``.
 
         ``shardings``: tree of ``jax.sharding.Sharding`` matching the template (default: the
-        template arrays' own shardings). Checks everything before reading any array.
+        template arrays' own shardings). Checks everything before reading any array; raises
+        :class:`CorruptCheckpointError` when the step cannot be read or holds NaN/Inf.
         """
         meta = self.read_metadata(step)
         self.check_compatible(meta, template_state)
@@ -200,13 +277,82 @@ class Checkpointer:
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
         except Exception as e:
-            raise ValueError(f"checkpoint step {step} in {self.directory} could not be read: {e}") from e
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} could not be read: {_first_line(e)}") from e
         state = jax.tree_util.tree_unflatten(treedef, [restored[f"leaf_{i:05d}"] for i in range(len(leaves))])
+        bad = nonfinite_leaves(state)
+        if bad:
+            raise CorruptCheckpointError(f"checkpoint step {step} in {self.directory} holds NaN/Inf in {bad[0]}")
+        self.last_meta = meta
         return state, meta.get("data_state")
 
     def restore_latest(self, template_state: Any, shardings: Any = None) -> tuple[Any, Any] | None:
-        """Restore the newest checkpoint (see :meth:`restore`); ``None`` when there is none."""
-        step = self.latest_step()
-        if step is None:
+        """Restore the newest good checkpoint (see :meth:`restore`); ``None`` when there is none.
+
+        A corrupt step is reported with a warning, deleted, and the previous one is tried; when
+        every step is corrupt the newest one's :class:`CorruptCheckpointError` is raised. A
+        checkpoint that does not fit this run (``ValueError``) is never skipped.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             return None
-        return self.restore(step, template_state, shardings)
+        errors = []
+        for step in steps:
+            try:
+                out = self.restore(step, template_state, shardings)
+            except CorruptCheckpointError as e:
+                errors.append(e)
+                warnings.warn(f"{e}; trying the previous checkpoint", RuntimeWarning, stacklevel=2)
+                continue
+            for bad in steps[: len(errors)]:  # newer than the restored one: redone steps save there again
+                self._manager.delete(bad)
+            return out
+        raise errors[0]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def read_latest_metadata(directory) -> dict | None:
+    """Metadata of the newest checkpoint in ``directory`` whose metadata reads (``None``: none).
+
+    Needs no template, model or mesh; corrupt steps are skipped with a warning.
+    """
+    if not fileio.exists(directory):
+        return None
+    manager = ocp.CheckpointManager(_abs(directory), options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+                                    item_names=("state", "meta"))
+    try:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as e:
+                warnings.warn(f"checkpoint step {step} in {directory} has unreadable metadata ({_first_line(e)}); "
+                              "looking at the previous one", RuntimeWarning, stacklevel=2)
+                continue
+            if isinstance(meta, dict) and meta.get("format") == FORMAT:
+                return meta
+        return None
+    finally:
+        manager.close()
+
+
+def check_resume_guard(directory, guard: Mapping[str, Any]) -> int | None:
+    """Compare ``guard`` with the resume guard of the newest checkpoint in ``directory``.
+
+    Returns that checkpoint's step (``None`` when there is no checkpoint, so nothing to check);
+    raises a one-line ``ValueError`` naming each differing key with both values. Reads only
+    metadata: call it before loading a model or evaluating.
+
+    >>> check_resume_guard("/nonexistent/checkpoints", {"lr": 1e-3}) is None
+    True
+    """
+    meta = read_latest_metadata(directory)
+    if meta is None:
+        return None
+    diffs = guard_differences(meta.get("resume_guard") or {}, guard)
+    if meta.get("resume_guard") is not None and diffs:
+        raise _guard_error(_abs(directory), int(meta["step"]), diffs)
+    return int(meta["step"])

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gralora_jax import tree as tree_lib
@@ -57,23 +59,23 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            _invalid("optimizer", self.optimizer, f"one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.total_steps <= 0:
-            raise ValueError(f"total_steps must be positive, got {self.total_steps}")
-        if self.learning_rate < 0:
-            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
-                f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}"
-            )
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            _invalid("schedule", self.schedule, f"one of {SCHEDULES}")
+        if not (_is_int(self.total_steps) and self.total_steps > 0):
+            _invalid("total_steps", self.total_steps, "an integer > 0")
+        _check_real("learning_rate", self.learning_rate, "a finite number > 0", lambda x: x > 0)
+        _check_real("warmup_ratio", self.warmup_ratio, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+        if self.warmup_steps is not None and not (_is_int(self.warmup_steps)
+                                                  and 0 <= self.warmup_steps <= self.total_steps):
+            _invalid("warmup_steps", self.warmup_steps, f"an integer in [0, total_steps={self.total_steps}]")
+        _check_real("end_lr_ratio", self.end_lr_ratio, "a number in [0, 1]", lambda x: 0 <= x <= 1)
+        for name in ("b1", "b2"):
+            if getattr(self, name) is not None:
+                _check_real(name, getattr(self, name), "a number in [0, 1)", lambda x: 0 <= x < 1)
+        _check_real("eps", self.eps, "a finite number > 0", lambda x: x > 0)
+        _check_real("weight_decay", self.weight_decay, "a finite number >= 0", lambda x: x >= 0)
+        _check_real("max_grad_norm", self.max_grad_norm, "a finite number >= 0 (0 = off)", lambda x: x >= 0)
 
     @property
     def num_warmup_steps(self) -> int:
@@ -90,6 +92,21 @@ class OptimConfig:
         if self.optimizer == "adamw":
             return (0.9 if self.b1 is None else self.b1, 0.999 if self.b2 is None else self.b2)
         return (0.0 if self.b1 is None else self.b1, 0.0)
+
+
+def _invalid(name: str, value: Any, want: str):
+    raise ValueError(f"OptimConfig.{name} must be {want}, got {value!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_real(name: str, value: Any, want: str, ok: Callable[[float], bool]) -> None:
+    """One-line ``ValueError`` unless ``value`` is a finite real number with ``ok(value)``."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or not ok(value)):
+        _invalid(name, value, want)
 
 
 def make_schedule(cfg: OptimConfig) -> Callable[[Any], jax.Array]:

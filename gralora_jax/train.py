@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -44,7 +44,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gralora_jax import tree as tree_lib
-from gralora_jax.checkpoint import Checkpointer
+from gralora_jax import fileio
+from gralora_jax.checkpoint import MIN_KEEP, Checkpointer, check_resume_guard
 from gralora_jax.distributed import global_batch_from_local, is_main_process, put_global
 from gralora_jax.losses import causal_lm_loss, check_chunk_size, chunked_causal_lm_loss
 from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
@@ -53,35 +54,66 @@ from gralora_jax.sharding import batch_spec, named_shardings
 LossFn = Callable[[Any, Mapping[str, Any], jax.Array, bool], tuple[jax.Array, dict]]
 
 
+# Why a run stopped -> the process exit code a command line should return (one table for all callers).
+EXIT_CODES = {
+    "done": 0,  # reached TrainConfig.steps
+    "nonfinite": 1,  # a step produced NaN/Inf (FloatingPointError raised; the update was not applied)
+    "diverged": 1,  # zero gradient norm and a flat loss for TrainConfig.stall_intervals log intervals
+    "sigint": 130,  # Ctrl-C: checkpoint saved at the next step boundary (128 + SIGINT)
+    "sigterm": 143,  # SIGTERM (preemption, scheduler stop): checkpoint saved (128 + SIGTERM)
+}
+_SIGNAL_REASONS = {signal.SIGINT: "sigint", signal.SIGTERM: "sigterm"}
+_STOP_CODES = ("", "sigterm", "sigint")  # index = the flag value processes agree on (max wins: sigint > sigterm)
+
+
+def exit_code(stop_reason: str | None) -> int:
+    """The exit code for ``Trainer.stop_reason`` (:data:`EXIT_CODES`; ``None`` counts as a failure).
+
+    >>> exit_code("done"), exit_code("sigint"), exit_code("sigterm")
+    (0, 130, 143)
+    """
+    return EXIT_CODES.get(stop_reason, 1)
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stalled: zero gradient norm and a flat loss for several log intervals."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000  # optimizer steps to run in total (a resumed run stops at the same step)
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
-    log_every: int = 10  # write metrics.jsonl / TensorBoard every N steps (progress bar every step)
+    log_every: int = 10  # fetch metrics from the device, write metrics.jsonl / TensorBoard every N steps
     eval_every: int = 0  # call eval_fn every N steps (0 = never; also after the last step if > 0)
-    checkpoint_every: int = 0  # save a checkpoint every N steps (0 = only at the end / on SIGTERM)
-    keep_checkpoints: int = 3  # how many recent checkpoints to keep
-    output_dir: str | None = None  # metrics.jsonl, tensorboard/ and checkpoints/ go here (None = nowhere)
+    checkpoint_every: int = 0  # save a checkpoint every N steps (0 = only at the end / on a stop signal)
+    keep_checkpoints: int = 3  # recent checkpoints kept (>= 2: a corrupt latest one falls back to the previous)
+    output_dir: str | None = None  # metrics.jsonl, tensorboard/ and checkpoints/ (local or gs://; None = nowhere)
     seed: int = 0  # seeds the train-state rng (dropout)
-    progress: bool = True  # tqdm progress bar on process 0
+    progress: bool = True  # tqdm progress bar on process 0 (only when stderr is a terminal)
     tensorboard: bool = True  # also log to TensorBoard when tensorboardX is importable
-    handle_sigterm: bool = True  # on SIGTERM: checkpoint at the next step boundary and stop cleanly
+    handle_signals: bool = True  # SIGINT/SIGTERM: checkpoint at the next step boundary and stop (again: exit now)
+    stop_check_every: int = 10  # several processes: agree on a stop signal every N steps (one scalar all-gather)
+    stall_intervals: int = 3  # stop ("diverged") after N log intervals of zero gradient norm and flat loss; 0 = off
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "log_every", "keep_checkpoints"):
+        for name in ("steps", "grad_accum", "log_every", "stop_check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("eval_every", "checkpoint_every", "stall_intervals"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < MIN_KEEP:
+            raise ValueError(f"TrainConfig.keep_checkpoints must be >= {MIN_KEEP} (a corrupt latest checkpoint "
+                             f"falls back to the previous one), got {self.keep_checkpoints}")
 
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # int32 scalar: optimizer steps taken
+    step: jax.Array  # int32 scalar: optimizer steps applied
     params: Any  # trainable leaves only (nested dict)
     opt_state: Any  # optax state (no arrays for frozen leaves)
     rng: jax.Array  # uint32[2] PRNG key, split once per step
+    bad_step: jax.Array  # int32 scalar: first step whose update was non-finite and not applied (0 = none; sticky)
 
 
 # ----------------------------------------------------------------------------- shardings
@@ -124,6 +156,7 @@ def train_state_specs(optimizer, params_shapes, mask, param_specs) -> tuple[Trai
         params=t_specs,
         opt_state=opt_state_specs(opt_shapes, shapes, param_specs),
         rng=P(),
+        bad_step=P(),
     )
     return specs, f_specs
 
@@ -150,6 +183,7 @@ def init_train_state(params, mask, optimizer, mesh: Mesh, param_specs, *, seed: 
         params=trainable,
         opt_state=opt_state,
         rng=put_global(jax.random.PRNGKey(seed), repl),
+        bad_step=put_global(np.zeros((), np.int32), repl),
     )
     return state, frozen
 
@@ -185,6 +219,12 @@ class TrainStep:
         return self.jitted(state, frozen, batch)
 
 
+def _all_finite(tree) -> jax.Array:
+    """Scalar bool: every float leaf of ``tree`` is finite."""
+    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def _split_micro(x, accum: int):
     """[B, ...] -> [A, B/A, ...] taking rows i, i+A, ... into micro-batch i, so each device's
     contiguous rows stay on that device (no cross-device shuffle)."""
@@ -210,8 +250,14 @@ def make_train_step(
     ``optimizer`` comes from :func:`gralora_jax.optim.make_optimizer` over the full tree with
     the same ``mask``; ``params_shapes`` is the full params tree (arrays or shape structs),
     used to derive the optimizer-state shardings; ``schedule`` (optional) gives the logged lr.
-    Metrics returned: ``loss``, ``grad_norm`` (before clipping), ``lr``, ``num_tokens`` and the
-    token-weighted mean of any other scalar the loss_fn reports.
+    Metrics returned (device scalars; the step never waits for the host): ``loss``,
+    ``grad_norm`` (before clipping), ``lr``, ``num_tokens`` and the token-weighted mean of any
+    other scalar the loss_fn reports.
+
+    Non-finite guard: when the loss, the gradient norm, the updated params or the optimizer
+    state hold a NaN/Inf, the update is *not applied* (params, optimizer state, rng and step stay
+    those of the previous step) and ``state.bad_step`` records that step (sticky: every later
+    step is a no-op too), so a state in memory or on disk is always finite.
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
@@ -259,10 +305,22 @@ def make_train_step(
         updates, opt_state = optimizer.update(full_grads, state.opt_state, full_params)
         t_updates, _ = tree_lib.split_trainable(updates, mask)
         params = optax.apply_updates(state.params, t_updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
+        ok = finite & (state.bad_step == 0)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
         metrics = {"loss": loss, "grad_norm": grad_norm, "num_tokens": wsum}
         metrics.update({k: v / denom for k, v in extra.items()})
         metrics["lr"] = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        new_state = TrainState(
+            step=state.step + ok.astype(state.step.dtype),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=keep(rng, state.rng),
+            bad_step=jnp.where((state.bad_step == 0) & ~finite, state.step + 1, state.bad_step),
+        )
         return new_state, metrics
 
     return TrainStep(step, state_sh, frozen_sh, batch_sh)
@@ -353,62 +411,139 @@ def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False, loss: 
 # ----------------------------------------------------------------------------- the loop
 
 
-class _SigtermFlag:
-    """Sets ``requested`` on SIGTERM (main thread only); restores the old handler on exit."""
+def _say(message: str) -> None:
+    sys.stderr.write(f"\n[gralora_jax.train] {message}\n")
+    sys.stderr.flush()
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM during :meth:`Trainer.fit`: the first sets ``reason`` (the loop saves a
+    checkpoint at the next step boundary and stops); a second one exits the process at once with
+    that signal's code (no traceback, nothing saved; orbax never leaves a half-committed step).
+    Main thread only; the previous handlers are restored on exit."""
 
     def __init__(self, enabled: bool):
-        self.requested = False
-        self._old = None
+        self.reason: str | None = None
+        self._old: dict = {}
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
 
     def __enter__(self):
         if self._enabled:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in _SIGNAL_REASONS:
+                self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        reason = _SIGNAL_REASONS[signum]
+        if self.reason is not None:
+            _say(f"{reason} again: exiting now without saving")
+            os._exit(EXIT_CODES[reason])
+        self.reason = reason
+        _say(f"{reason}: saving a checkpoint at the next step boundary, then stopping (send it again to exit now)")
 
     def __exit__(self, *exc):
-        if self._enabled:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
         return False
 
 
-class _Logger:
-    """metrics.jsonl (+ TensorBoard) on process 0 only."""
+def _agreed_stop(local: str | None, step: int, every: int) -> str | None:
+    """The stop reason every process acts on after ``step``.
 
-    def __init__(self, output_dir: str | None, tensorboard: bool):
-        self.main = is_main_process()
-        self.file = None
+    One process: its own flag (no device work). Several: every ``every`` steps all processes
+    all-gather one int32 (the same steps on every process, so they stop at the same step)."""
+    if jax.process_count() == 1:
+        return local
+    if step % every:
+        return None
+    from jax.experimental import multihost_utils
+
+    with jax.transfer_guard_device_to_host("allow"):
+        flags = multihost_utils.process_allgather(np.int32(_STOP_CODES.index(local or "")))
+    return _STOP_CODES[int(np.max(flags))] or None
+
+
+def _progress_bar(cfg: TrainConfig, start: int):
+    """tqdm on process 0 when ``cfg.progress`` and stderr is a terminal; else None."""
+    if not (cfg.progress and is_main_process() and start < cfg.steps and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _interval_metrics(rows: list[Mapping[str, Any]], seconds: float) -> dict:
+    """Host metrics for the steps since the last log: the mean over those steps of every metric,
+    except ``lr`` (the last step's); ``tokens_per_s`` and ``step_time`` over the wall time."""
+    out = {k: float(np.mean([float(r[k]) for r in rows])) for k in rows[-1]}
+    out["lr"] = float(rows[-1]["lr"])
+    seconds = max(seconds, 1e-9)
+    out["tokens_per_s"] = sum(float(r.get("num_tokens", 0.0)) for r in rows) / seconds
+    out["step_time"] = seconds / len(rows)
+    return out
+
+
+class _MetricsLog:
+    """metrics.jsonl (+ TensorBoard) on process 0: exactly one row per logged step, across resumes.
+
+    On open, rows of steps after ``start_step`` (steps a resumed run does again) and any torn
+    last line are dropped by an atomic rewrite. Local files are then appended to; remote ones
+    (``gs://``, which cannot append) are rewritten atomically at each write."""
+
+    def __init__(self, output_dir: str | None, tensorboard: bool, start_step: int):
+        self.path = None
         self.tb = None
-        if not (self.main and output_dir):
+        if not (is_main_process() and output_dir):
             return
-        os.makedirs(output_dir, exist_ok=True)
-        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        self.path = fileio.join(output_dir, "metrics.jsonl")
+        self.remote = fileio.is_remote(self.path)
+        self.lines: list[str] = []
+        changed = not fileio.exists(self.path)
+        if not changed:
+            for line in fileio.read_text(self.path).splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict) and int(row.get("step", start_step + 1)) <= start_step:
+                    self.lines.append(line)
+                else:
+                    changed = True
+        if changed:
+            self._rewrite()
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-            except ImportError:
+                self.tb = SummaryWriter(fileio.join(output_dir, "tensorboard"))
+            except Exception:  # not installed, or no writer for this filesystem
                 self.tb = None
 
+    def _rewrite(self) -> None:
+        fileio.atomic_write_text(self.path, "".join(line + "\n" for line in self.lines))
+
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        if self.file is None:
+        if self.path is None:
             return
-        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        line = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
+        self.lines.append(line)
+        if self.remote:
+            self._rewrite()
+        else:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, float(v), int(step))
 
-    def close(self):
-        if self.file is not None:
-            self.file.close()
+    def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def checkpoint_dir(output_dir) -> str:
+    """Where a :class:`Trainer` with ``output_dir`` keeps its checkpoints (scheme kept: ``gs://``)."""
+    return fileio.join(output_dir, "checkpoints")
 
 
 class Trainer:
@@ -416,8 +551,15 @@ class Trainer:
 
     ``eval_fn(full_params, step) -> dict`` (optional) is called every ``eval_every`` steps;
     its numbers are logged with an ``eval_`` prefix. ``checkpoint_meta`` is passed to
-    :class:`gralora_jax.checkpoint.Checkpointer` (``adapter_config``, ``base_model``, ``user``).
-    After :meth:`fit`, ``stop_reason`` is ``"done"`` or ``"sigterm"``.
+    :class:`gralora_jax.checkpoint.Checkpointer` (``adapter_config``, ``base_model``, ``user``,
+    ``resume_guard``).
+
+    The loop never waits for the device between steps: metrics stay on the device and are
+    fetched (all steps since the last fetch at once) only at log, eval and checkpoint steps;
+    ``sync_steps`` lists the steps where it did. After :meth:`fit`, ``stop_reason`` is a key of
+    :data:`EXIT_CODES` (``"done"``, ``"sigint"``, ``"sigterm"``, or ``"nonfinite"`` /
+    ``"diverged"`` with an exception raised); ``train_seconds`` is the training wall time summed
+    over every resume; ``examples_seen`` the sequences consumed.
     """
 
     def __init__(
@@ -445,98 +587,181 @@ class Trainer:
         self.state, self.frozen = init_train_state(params, mask, self.optimizer, mesh, param_specs, seed=config.seed)
         self.checkpointer = None
         if config.output_dir:
-            meta = dict(checkpoint_meta or {})
             self.checkpointer = Checkpointer(
-                os.path.join(config.output_dir, "checkpoints"),
+                checkpoint_dir(config.output_dir),
                 keep=config.keep_checkpoints,
                 base_params=params,
                 mesh=mesh,
-                **meta,
+                **dict(checkpoint_meta or {}),
             )
         self.stop_reason: str | None = None
+        self.examples_seen = 0  # sequences consumed (global batch rows x steps), kept across resumes
+        self.train_seconds = 0.0  # wall time inside fit(), kept across resumes
+        self.batch_rows: int | None = None  # global batch rows (from the checkpoint after a restore)
+        self.sync_steps: list[int] = []  # steps after which fit() fetched from the device
+        self._stall = (0, None)  # (log intervals in a row with zero grad norm and flat loss, that loss)
+
+    @staticmethod
+    def check_resume_guard(output_dir, guard: Mapping[str, Any]) -> int | None:
+        """:func:`gralora_jax.checkpoint.check_resume_guard` for the checkpoints of ``output_dir``:
+        the step a resume would start from (None: no checkpoint) or a one-line ``ValueError``."""
+        return check_resume_guard(checkpoint_dir(output_dir), guard)
 
     @property
     def step(self) -> int:
-        return int(jax.device_get(self.state.step))
+        with jax.transfer_guard_device_to_host("allow"):
+            return int(jax.device_get(self.state.step))
 
     def full_params(self) -> dict:
         """Trainable + frozen, one tree (e.g. for export or evaluation)."""
         return tree_lib.combine(self.state.params, self.frozen)
 
     def restore(self, data_iter=None) -> bool:
-        """Resume from the latest checkpoint, if any (also seeks ``data_iter``). True if resumed."""
+        """Resume from the newest good checkpoint, if any (also seeks ``data_iter``). True if resumed."""
         if self.checkpointer is None:
             return False
         out = self.checkpointer.restore_latest(self.state, self.step_fn.state_shardings)
         if out is None:
             return False
         self.state, data_state = out
+        progress = (self.checkpointer.last_meta or {}).get("progress") or {}
+        self.examples_seen = int(progress.get("examples_seen", 0))
+        self.train_seconds = float(progress.get("train_seconds", 0.0))
+        self.batch_rows = progress.get("global_batch_size")
         if data_iter is not None and data_state is not None:
             data_iter.restore(data_state)
         return True
 
     def save(self, data_iter=None) -> None:
-        if self.checkpointer is not None:
-            self.checkpointer.save(self.state, data_state=None if data_iter is None else data_iter.state())
+        """Checkpoint the current state (refused with ``FloatingPointError`` after a non-finite step)."""
+        if self.checkpointer is None:
+            return
+        self._raise_if_bad()
+        self.checkpointer.save(
+            self.state, step=self.step, data_state=None if data_iter is None else data_iter.state(),
+            extra={"examples_seen": self.examples_seen, "global_batch_size": self.batch_rows,
+                   "train_seconds": round(self.train_seconds, 3)},
+        )
 
     def _batch(self, host_batch: Mapping[str, Any]) -> dict:
         return global_batch_from_local(host_batch, sharding=self.step_fn.batch_sharding)
 
-    def fit(self, data_iter) -> TrainState:
-        """Run until ``config.steps`` (or SIGTERM). Raises ``FloatingPointError`` on a
-        non-finite loss or gradient norm, without checkpointing the bad state."""
-        cfg = self.config
-        logger = _Logger(cfg.output_dir, cfg.tensorboard)
-        bar = None
-        start = self.step
-        if cfg.progress and is_main_process() and start < cfg.steps:
-            try:
-                from tqdm.auto import tqdm
+    def _check_rows(self, batch: Mapping[str, Any], step: int) -> int:
+        rows = int(np.shape(next(iter(batch.values())))[0])
+        if self.batch_rows is not None and rows != self.batch_rows:
+            raise ValueError(
+                f"step {step} gets a global batch of {rows} rows but this run's checkpoint was trained with "
+                f"{self.batch_rows}: the data position is kept per batch, so another batch size would skip or repeat "
+                f"examples; resume with batch size {self.batch_rows} or use another output directory")
+        self.batch_rows = rows
+        return rows
 
-                bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
-            except ImportError:
-                bar = None
+    def _raise_if_bad(self, bad_step: int | None = None) -> None:
+        if bad_step is None:
+            with jax.transfer_guard_device_to_host("allow"):
+                bad_step = int(jax.device_get(self.state.bad_step))
+        if bad_step:
+            self.stop_reason = "nonfinite"
+            raise FloatingPointError(
+                f"non-finite loss, gradient or update at step {bad_step}: that update was not applied; stopping "
+                f"with the state of step {bad_step - 1} (checkpoints hold only finite values); lower the learning "
+                "rate or check the data")
+
+    def _fetch(self, step: int, pending: list) -> list[dict]:
+        """Bring the pending device metrics to the host (one transfer) and check the non-finite flag."""
+        self.sync_steps.append(step)
+        with jax.transfer_guard_device_to_host("allow"):
+            rows, bad = jax.device_get((pending, self.state.bad_step))
+        self._raise_if_bad(int(bad))
+        return rows
+
+    def _check_stall(self, rows: list[dict], step: int) -> None:
+        n_max = self.config.stall_intervals
+        if not n_max:
+            return
+        losses = [float(r["loss"]) for r in rows]
+        count, ref = self._stall
+        ref = losses[0] if count == 0 else ref
+        tol = 1e-6 * max(1.0, abs(ref))
+        flat = max(float(r["grad_norm"]) for r in rows) == 0.0 and all(abs(x - ref) <= tol for x in losses)
+        count = count + 1 if flat else 0
+        self._stall = (count, ref)
+        if count >= n_max:
+            self.stop_reason = "diverged"
+            raise TrainingDiverged(
+                f"training stalled at step {step}: gradient norm 0 and loss flat at {ref:.6g} for {count} log "
+                f"intervals (lr {float(rows[-1]['lr']):.3g}); the learning rate is probably far too high, or no "
+                "token carries a loss (check the loss mask); stopping")
+
+    def fit(self, data_iter) -> TrainState:
+        """Run until ``config.steps`` or a stop signal (see :data:`EXIT_CODES`).
+
+        Raises ``FloatingPointError`` when a step was non-finite (found at the next log, eval or
+        checkpoint step; that update and every later one were not applied, nothing bad is
+        saved) and :class:`TrainingDiverged` when training stalls."""
+        cfg = self.config
+        start = self.step
+        self._raise_if_bad()
+        log = _MetricsLog(cfg.output_dir, cfg.tensorboard, start)
+        bar = _progress_bar(cfg, start)
+        self.stop_reason = None
+        self.sync_steps = []
+        pending: list = []
         step = start
-        self.stop_reason = "done"
+        t0 = time.perf_counter()
+        seconds_before = self.train_seconds
+        t_log = t0
         try:
-            with _SigtermFlag(cfg.handle_sigterm) as sig:
-                t_last = time.perf_counter()
+            with _StopSignals(cfg.handle_signals) as sig:
                 while step < cfg.steps:
                     batch = self._batch(next(data_iter))
+                    rows = self._check_rows(batch, step + 1)
                     self.state, metrics = self.step_fn(self.state, self.frozen, batch)
                     step += 1
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                        raise FloatingPointError(
-                            f"non-finite loss or gradient at step {step}: loss={m['loss']}, "
-                            f"grad_norm={m['grad_norm']}; stopping (this state is not checkpointed)"
-                        )
-                    now = time.perf_counter()
-                    dt, t_last = now - t_last, now
-                    m["tokens_per_s"] = m.get("num_tokens", 0.0) / max(dt, 1e-9)
-                    m["step_time"] = dt
+                    self.examples_seen += rows
+                    pending.append(metrics)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}")
-                    if step % cfg.log_every == 0 or step == cfg.steps:
-                        logger.log(step, {**m, "time": time.time()})
-                    if self.eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                        ev = self.eval_fn(self.full_params(), step)
-                        logger.log(step, {f"eval_{k}": v for k, v in dict(ev).items()})
+                    stop = _agreed_stop(sig.reason, step, cfg.stop_check_every)
                     last = step == cfg.steps
+                    if step % cfg.log_every == 0 or last or stop:
+                        host = self._fetch(step, pending)
+                        now = time.perf_counter()
+                        m = _interval_metrics(host, now - t_log)
+                        pending, t_log = [], now
+                        log.log(step, {**m, "time": time.time()})
+                        if bar is not None:
+                            bar.set_postfix({"loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:.0f}",
+                                             "lr": f"{m['lr']:.2e}"})
+                        self._check_stall(host, step)
+                    if self.eval_fn is not None and cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                        if step not in self.sync_steps:
+                            self.sync_steps.append(step)
+                        self._raise_if_bad()
+                        with jax.transfer_guard_device_to_host("allow"):
+                            ev = self.eval_fn(self.full_params(), step)
+                        log.log(step, {f"eval_{k}": v for k, v in dict(ev).items()})
                     if self.checkpointer is not None and (
-                        sig.requested or last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                        stop or last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                     ):
+                        if step not in self.sync_steps:
+                            self.sync_steps.append(step)
+                        self.train_seconds = seconds_before + time.perf_counter() - t0
                         self.save(data_iter)
-                    if sig.requested:
-                        self.stop_reason = "sigterm"
+                    if stop:
+                        self.stop_reason = stop
                         break
+            if pending:  # never returns a state with an unchecked step
+                self._fetch(step, pending)
+            self.stop_reason = self.stop_reason or "done"
         finally:
+            self.train_seconds = seconds_before + time.perf_counter() - t0
             if self.checkpointer is not None:
-                self.checkpointer.wait_until_finished()
+                with jax.transfer_guard_device_to_host("allow"):
+                    self.checkpointer.wait_until_finished()
             if bar is not None:
                 bar.close()
-            logger.close()
+            log.close()
         return self.state
 
 
