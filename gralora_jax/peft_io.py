@@ -20,6 +20,10 @@ tree leaf                   PEFT key suffix                             layout c
 'base_model.model.model.layers.0.self_attn.q_proj.gralora_A'
 >>> adapter_path("base_model.model.model.layers.0.self_attn.q_proj.gralora_A_general.weight")
 'model/layers/0/self_attn/q_proj/gralora_A_general'
+
+Stacked (``scan_layers=True``) adapters ``model/layers/scan/...`` ``[L, ...]`` are written as the
+L unrolled layers' keys, so a scanned model's file is the unrolled model's file; reading always
+gives the unrolled tree (:meth:`gralora_jax.surgery.GraLoRAModel.from_pretrained` stacks it).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from gralora_jax import fileio
 from gralora_jax import tree as tree_lib
 from gralora_jax.config import CONFIG_NAME, AdapterConfig, load_adapter_config
 from gralora_jax.loading.convert import is_floating
+from gralora_jax.models import layout as layout_lib
 
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -82,7 +87,9 @@ def _transposed(leaf: str) -> bool:
 
 
 def to_peft_state_dict(adapters: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Adapter sub-tree (nested dict) -> ``{peft_key: array}`` in PEFT's layouts."""
+    """Adapter sub-tree (nested dict, unrolled or scanned) -> ``{peft_key: array}`` in PEFT's layouts."""
+    if layout_lib.is_scanned(adapters):
+        adapters = layout_lib.unstack_layer_params(adapters)
     out = {}
     adapted = set(tree_lib.adapted_modules(adapters))
     for path, v in tree_lib.flatten(adapters).items():
@@ -91,7 +98,7 @@ def to_peft_state_dict(adapters: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if key in out:
             raise ValueError(f"two tree leaves map to the PEFT key {key!r}")
         out[key] = np.ascontiguousarray(a.T if _transposed(tree_lib.leaf_name(path)) else a)
-    return out
+    return dict(sorted(out.items()))  # one key order whatever the tree's (scanned or not): same file bytes
 
 
 def from_peft_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
