@@ -199,6 +199,7 @@ class GraLoRAConfig:
         peft_type = d.get("peft_type", "GRALORA")
         if str(peft_type).upper() != "GRALORA":
             raise ValueError(f"not a GraLoRA adapter config: peft_type is {peft_type!r}")
+        _check_field_types(d)
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
         if authors_convention:
@@ -274,6 +275,7 @@ class LoRAConfig:
     def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
         if str(d.get("peft_type", "LORA")).upper() != "LORA":
             raise ValueError(f"not a LoRA adapter config: peft_type is {d.get('peft_type')!r}")
+        _check_field_types(d)
         for flag in ("use_rslora", "use_dora"):
             if d.get(flag):
                 raise ValueError(f"LoRA variant {flag}=True is not supported")
@@ -305,7 +307,7 @@ def config_from_peft_dict(
     classes = {"GRALORA": GraLoRAConfig, "LORA": LoRAConfig}
     if kind not in classes:
         raise ValueError(f"unsupported peft_type {d.get('peft_type')!r}: expected GRALORA or LORA")
-    _check_field_types(d)
+    _check_field_types(d)  # before the warnings: a present but wrong-typed field is an error, not "missing"
     _warn_missing_fields(d, kind, classes[kind], source)
     if kind == "GRALORA":
         return GraLoRAConfig.from_peft_dict(d, authors_convention=authors_convention)

@@ -450,7 +450,12 @@ class GraLoRAModel:
         return self.split_params(p)[0]
 
     def save_pretrained(self, directory: Union[str, os.PathLike], params=None) -> None:
-        """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        """Write a PEFT adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+        Refuses (``ValueError``, nothing written) when there is no adapter tensor or one is not
+        finite; otherwise writes the weights, then the config, each atomically
+        (:func:`gralora_jax.peft_io.save_adapter`).
+        """
         peft_io.save_adapter(directory, self.config, self.adapter_params(params), config_overrides=self._config_overrides())
 
     @classmethod
