@@ -308,7 +308,7 @@ def adapt(inputs: Inputs, model, params) -> Adapted:
     else:
         try:
             gm = get_gralora_model(model, acfg, params=params, rng=jax.random.PRNGKey(cfg.seed))
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             if not _is_scanned(params) or "scan_layers" in cfg.given:
                 raise UserError(f"adapters on {inputs.model_src}: {e}") from None
             # automatic --scan-layers on a library without scanned-kernel surgery: fall back to unrolled
@@ -364,7 +364,9 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
             else {"method": "full"},
             "base_model": inputs.model_src,
             "user": {"experiment": "commonsense", "method": cfg.method, "resume_guard": guard}}
-    trainer = Trainer(loss_fn=make_causal_lm_loss_fn(adapted.gm, model_dropout=False), params=adapted.params,
+    # The trainer donates its trainable leaves each step: give it copies so adapted.params stays usable.
+    params = jax.tree_util.tree_map(lambda m, x: jnp.copy(x) if m else x, adapted.mask, adapted.params)
+    trainer = Trainer(loss_fn=make_causal_lm_loss_fn(adapted.gm, model_dropout=False), params=params,
                       mask=adapted.mask, optim=optim, config=tcfg, mesh=inputs.mesh, param_specs=adapted.specs,
                       checkpoint_meta=meta)
     if cfg.resume and trainer.restore(it):
