@@ -145,6 +145,10 @@ def test_export_merged_from_a_gguf_source_loads_in_transformers(tmp_path):
     flat = {k: (jnp.asarray(rng.normal(0, 0.05, v.shape), v.dtype) if k.endswith("lora_B") else v)
             for k, v in tree_lib.flatten(jax.device_get(adapted.params)).items()}
     trained = tree_lib.unflatten(flat)
+    poisoned = tree_lib.unflatten({k: v * jnp.nan if k.endswith("lora_B") else v for k, v in flat.items()})
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        R.export(inputs, adapted, poisoned)
+    assert not (tmp_path / "out").exists()  # nothing non-finite is exported, not even in part
     written = R.export(inputs, adapted, trained)
     merged = tmp_path / "out" / "merged"
     assert written["merged"] == str(merged) and (merged / "config.json").exists()

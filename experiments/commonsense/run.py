@@ -387,9 +387,15 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
 def export(inputs: Inputs, adapted: Adapted, params) -> dict[str, str]:
     """The PEFT adapter (``adapter/``), and the merged base (``merged/``) with ``--export-merged``;
     full fine-tuning writes ``model/``. Returns ``{what: directory}``."""
+    from gralora_jax import tree as tree_lib
+
     cfg = inputs.cfg
     host = jax.device_get(params)
     written = {}
+    trainable, _ = tree_lib.split_trainable(host, adapted.mask)
+    bad = [k for k, v in tree_lib.flatten(trainable).items() if not np.isfinite(np.asarray(v, np.float32)).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to export: {len(bad)} trained tensor(s) hold NaN or Inf (first: {bad[0]})")
     if jax.process_index() != 0:
         return written
     if adapted.adapter_config is not None:
