@@ -180,3 +180,26 @@ def test_automatic_scan_keeps_adapters_working(cache, tmp_path, monkeypatch, cap
     ids = jnp.asarray(np.arange(1, 17, dtype=np.int32).reshape(2, 8))
     np.testing.assert_allclose(np.asarray(adapted.gm.logits_fn(adapted.params, ids)),
                                np.asarray(ref.gm.logits_fn(ref.params, ids)), atol=1e-5)
+
+
+def test_evaluation_progress_bar_only_when_asked(cache, capsys):
+    """--progress draws a tqdm bar over the evaluation's questions; the default follows the terminal (off here)."""
+    from experiments.commonsense import data as data_lib
+    from experiments.commonsense import evaluate as eval_lib
+    from experiments.commonsense.run import _load_tokenizer, show_progress
+
+    root = next(cache.glob("embedded-*"))
+    tok = _load_tokenizer(str(root / "model"))
+    sets = data_lib.load_eval_sets(root / "data", ("boolq", "piqa"), limit=3)
+    vocab = len(tok) + 8
+
+    def logits_fn(params, ids, att):
+        return jnp.zeros(ids.shape + (vocab,), jnp.float32)
+
+    capsys.readouterr()
+    assert not show_progress(make_config()) and show_progress(make_config(progress=True))
+    res = eval_lib.evaluate_all(logits_fn, {}, tok, sets, mode="loglik", batch_size=4, progress=True)
+    err = capsys.readouterr().err
+    assert set(res) == {"boolq", "piqa"} and "eval" in err and "6/6" in err
+    eval_lib.evaluate_all(logits_fn, {}, tok, sets, mode="loglik", batch_size=4, progress=False)
+    assert "eval" not in capsys.readouterr().err
