@@ -203,3 +203,14 @@ def test_evaluation_progress_bar_only_when_asked(cache, capsys):
     assert set(res) == {"boolq", "piqa"} and "eval" in err and "6/6" in err
     eval_lib.evaluate_all(logits_fn, {}, tok, sets, mode="loglik", batch_size=4, progress=False)
     assert "eval" not in capsys.readouterr().err
+
+
+def test_tokenizer_ids_beyond_the_model_vocab_are_refused(cache, tmp_path):
+    import dataclasses
+
+    from experiments.commonsense import data as data_lib
+
+    inputs = R.prepare(make_config(cache_dir=str(cache), output_dir=str(tmp_path / "o"), **BRIEF))
+    big = data_lib.Example((1, 2, 10**6), (1, 1, 1))
+    with pytest.raises(UserError, match="token id 1000000 but the model's vocab_size is"):
+        R.load(dataclasses.replace(inputs, examples=inputs.examples[:4] + [big]))

@@ -261,11 +261,20 @@ def load(inputs: Inputs):
         if isinstance(e, UserError):
             raise
         raise UserError(f"--model {inputs.model_src}: {e}") from None
+    _check_vocab(inputs, int(getattr(model.config, "vocab_size", 0) or 0))
     if ours:
         s = model.spec
         log(f"base: {type(model).__name__}, {_num_params(params) / 1e6:.1f}M parameters, {cfg.dtype}, "
             f"scan_layers={s.scan_layers}, remat={s.remat_policy}, attention={s.attn_implementation or 'auto'}")
     return model, params
+
+
+def _check_vocab(inputs: Inputs, vocab_size: int) -> None:
+    """The tokenizer's ids must index the model's embedding (a mismatched pair gives NaN or wrapped ids)."""
+    top = max((max(e.input_ids) for e in inputs.examples if e.input_ids), default=-1)
+    if vocab_size and top >= vocab_size:
+        raise UserError(f"--model {inputs.model_src}: its tokenizer yields token id {top} but the model's vocab_size "
+                        f"is {vocab_size} (tokenizer and weights do not belong together)")
 
 
 # ----------------------------------------------------------------------------- step 3: adapt
