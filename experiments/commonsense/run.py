@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import io
 import json
 import math
 import os
