@@ -7,7 +7,6 @@ milliseconds. The checks that a model was never loaded patch ``run.load`` to fai
 """
 
 import json
-import pathlib
 import signal
 
 import pytest

@@ -31,7 +31,7 @@ import argparse
 import dataclasses
 import math
 import typing
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from experiments.commonsense.tasks import TASKS, parse_tasks
 

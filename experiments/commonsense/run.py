@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -269,11 +268,20 @@ def load(inputs: Inputs):
         if isinstance(e, UserError):
             raise
         raise UserError(f"--model {inputs.model_src}: {e}") from None
+    _check_vocab(inputs, int(getattr(model.config, "vocab_size", 0) or 0))
     if ours:
         s = model.spec
         log(f"base: {type(model).__name__}, {_num_params(params) / 1e6:.1f}M parameters, {cfg.dtype}, "
             f"scan_layers={s.scan_layers}, remat={s.remat_policy}, attention={s.attn_implementation or 'auto'}")
     return model, params
+
+
+def _check_vocab(inputs: Inputs, vocab_size: int) -> None:
+    """The tokenizer's ids must index the model's embedding (a mismatched pair gives NaN or wrapped ids)."""
+    top = max((max(e.input_ids) for e in inputs.examples if e.input_ids), default=-1)
+    if vocab_size and top >= vocab_size:
+        raise UserError(f"--model {inputs.model_src}: its tokenizer yields token id {top} but the model's vocab_size "
+                        f"is {vocab_size} (tokenizer and weights do not belong together)")
 
 
 # ----------------------------------------------------------------------------- step 3: adapt
@@ -316,7 +324,7 @@ def adapt(inputs: Inputs, model, params) -> Adapted:
     else:
         try:
             gm = get_gralora_model(model, acfg, params=params, rng=jax.random.PRNGKey(cfg.seed))
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             if not _is_scanned(params) or "scan_layers" in cfg.given:
                 raise UserError(f"adapters on {inputs.model_src}: {e}") from None
             # automatic --scan-layers on a library without scanned-kernel surgery: fall back to unrolled
@@ -372,7 +380,9 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
             else {"method": "full"},
             "base_model": inputs.model_src,
             "user": {"experiment": "commonsense", "method": cfg.method, "resume_guard": guard}}
-    trainer = Trainer(loss_fn=make_causal_lm_loss_fn(adapted.gm, model_dropout=False), params=adapted.params,
+    # The trainer donates its trainable leaves each step: give it copies so adapted.params stays usable.
+    params = jax.tree_util.tree_map(lambda m, x: jnp.copy(x) if m else x, adapted.mask, adapted.params)
+    trainer = Trainer(loss_fn=make_causal_lm_loss_fn(adapted.gm, model_dropout=False), params=params,
                       mask=adapted.mask, optim=optim, config=tcfg, mesh=inputs.mesh, param_specs=adapted.specs,
                       checkpoint_meta=meta)
     if cfg.resume and trainer.restore(it):
@@ -397,10 +407,16 @@ def export(inputs: Inputs, adapted: Adapted, params) -> dict[str, str]:
 
     Every process takes part in gathering what is written (the adapter leaves; the whole tree
     for a merged or full export), process 0 alone writes."""
+    from gralora_jax import tree as tree_lib
     from gralora_jax.distributed import gather_to_host, is_main_process
 
     cfg = inputs.cfg
     written = {}
+    trainable, _ = tree_lib.split_trainable(params, adapted.mask)
+    finite = jax.jit(lambda t: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x.astype(jnp.float32))), t))(trainable)
+    bad = [k for k, v in tree_lib.flatten(finite).items() if not bool(v)]  # replicated scalars: readable anywhere
+    if bad:
+        raise FloatingPointError(f"refusing to export: {len(bad)} trained tensor(s) hold NaN or Inf (first: {bad[0]})")
     if adapted.adapter_config is not None:
         adapters = gather_to_host(adapted.gm.adapter_params(params))
         dest = fileio.join(inputs.out, "adapter")
