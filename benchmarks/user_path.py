@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shlex
 import statistics
 import subprocess
@@ -151,10 +152,14 @@ def run_cli(ckpt: str, train: str, eval_dir: str, out_dir: str, *, batch: int, s
     argv += list(extra)
     print("$ " + " ".join(shlex.quote(a) for a in argv[1:]), flush=True)
     t = time.perf_counter()
-    proc = subprocess.run(argv, timeout=timeout, text=True, capture_output=True)
+    env = {**os.environ, "JAX_LOG_COMPILES": "1"}  # compile logs: what compiled, how often, how long
+    proc = subprocess.run(argv, timeout=timeout, text=True, capture_output=True, env=env)
     wall = time.perf_counter() - t
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    row: dict = {"argv": argv[1:], "returncode": proc.returncode, "wall_s": wall}
+    log = proc.stdout + proc.stderr
+    with open(out_dir.rstrip("/") + ".log", "w") as f:
+        f.write(log)
+    tail = log[-3000:]
+    row: dict = {"argv": argv[1:], "returncode": proc.returncode, "wall_s": wall, **compile_summary(log)}
     if proc.returncode != 0:
         print(tail, flush=True)
         return row
@@ -173,6 +178,23 @@ def run_cli(ckpt: str, train: str, eval_dir: str, out_dir: str, *, batch: int, s
         accuracy=results.get("average"),
     )
     return row
+
+
+_COMPILE = re.compile(r"Finished XLA compilation of jit\((?P<name>[^)]*)\) in (?P<s>[0-9.eE+-]+) sec")
+
+
+def compile_summary(log: str) -> dict:
+    """From a ``JAX_LOG_COMPILES=1`` log: the train step's compiles (count, seconds) and all compiles'
+    seconds; the step function is the one compiled most expensively."""
+    per: dict[str, list[float]] = {}
+    for m in _COMPILE.finditer(log):
+        per.setdefault(m.group("name"), []).append(float(m.group("s")))
+    if not per:
+        return {}
+    step = per.get("step") or max(per.values(), key=sum)
+    return {"step_compiles": len(step), "step_compile_s": sum(step), "first_compile_s": step[0],
+            "all_compile_s": sum(map(sum, per.values())),
+            "top_compiles": sorted(((sum(v), k, len(v)) for k, v in per.items()), reverse=True)[:6]}
 
 
 def run_library(shape: str, batch: int, seq: int, method: str, out: str, remat: str, timeout: float, *,
@@ -195,7 +217,7 @@ def _fmt(x, spec):
 
 def table(rows: list[dict]) -> str:
     head = ("| shape | run | tokens/step | CLI tokens/s | library tokens/s | CLI / library | CLI step (ms) | "
-            "first step (s) | peak (GiB) | train (s) | steps |")
+            "step compiles (s) | peak (GiB) | train (s) | steps |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cli, lib = r["cli"], r.get("library") or {}
@@ -203,7 +225,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['shape']} | {r['label']} | {r['batch']} x {r['seq']} | {_fmt(cli.get('tokens_per_s'), ',.0f')} | "
             f"{_fmt(lib.get('tokens_per_s'), ',.0f')} | {_fmt(ratio, '.3f')} | "
-            f"{_fmt(cli.get('step_s') and cli['step_s'] * 1e3, '.1f')} | {_fmt(cli.get('first_step_s'), '.1f')} | "
+            f"{_fmt(cli.get('step_s') and cli['step_s'] * 1e3, '.1f')} | "
+            f"{cli.get('step_compiles', '-')} ({_fmt(cli.get('step_compile_s'), '.1f')}) | "
             f"{_fmt(cli.get('peak_bytes') and cli['peak_bytes'] / 2**30, '.1f')} | {_fmt(cli.get('train_s'), '.1f')} | "
             f"{_fmt(cli.get('steps'), 'd')} |"
         )

@@ -231,8 +231,13 @@ def named_shardings(mesh: Mesh, specs: Any) -> Any:
 
 
 def shard_params(params: Any, mesh: Mesh, specs: Any) -> Any:
-    """Place ``params`` on ``mesh`` according to ``specs`` (a tree of PartitionSpec)."""
-    return jax.device_put(params, named_shardings(mesh, specs))
+    """Place ``params`` on ``mesh`` according to ``specs`` (a tree of PartitionSpec).
+
+    Host leaves go through :func:`gralora_jax.distributed.put_global` (each device copies
+    its slice; no cross-process equality gather), placed arrays are resharded on device."""
+    from gralora_jax.distributed import put_global
+
+    return put_global(params, named_shardings(mesh, specs))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

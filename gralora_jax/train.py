@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gralora_jax import tree as tree_lib
 from gralora_jax.checkpoint import Checkpointer
-from gralora_jax.distributed import global_batch_from_local, is_main_process
+from gralora_jax.distributed import global_batch_from_local, is_main_process, put_global
 from gralora_jax.losses import causal_lm_loss, check_chunk_size, chunked_causal_lm_loss
 from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
 from gralora_jax.sharding import batch_spec, named_shardings
@@ -136,8 +136,8 @@ def init_train_state(params, mask, optimizer, mesh: Mesh, param_specs, *, seed: 
     """
     state_specs, frozen_specs = train_state_specs(optimizer, params, mask, param_specs)
     trainable, frozen = tree_lib.split_trainable(params, mask)
-    trainable = jax.device_put(trainable, named_shardings(mesh, state_specs.params))
-    frozen = jax.device_put(frozen, named_shardings(mesh, frozen_specs))
+    trainable = put_global(trainable, named_shardings(mesh, state_specs.params))
+    frozen = put_global(frozen, named_shardings(mesh, frozen_specs))
 
     def init(trainable, frozen):
         full = tree_lib.combine(trainable, frozen)
@@ -146,10 +146,10 @@ def init_train_state(params, mask, optimizer, mesh: Mesh, param_specs, *, seed: 
     opt_state = jax.jit(init, out_shardings=named_shardings(mesh, state_specs.opt_state))(trainable, frozen)
     repl = NamedSharding(mesh, P())
     state = TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+        step=put_global(np.zeros((), np.int32), repl),
         params=trainable,
         opt_state=opt_state,
-        rng=jax.device_put(jax.random.PRNGKey(seed), repl),
+        rng=put_global(jax.random.PRNGKey(seed), repl),
     )
     return state, frozen
 

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     config_lib.add_arguments(p)
+    from gralora_jax.distributed import add_arguments as add_distributed_arguments  # imports jax, starts no backend
+
+    add_distributed_arguments(p.add_argument_group(
+        "multi-process runs", "TPU pod slices (python -m tpu_setup launch) need none of these: the workers find "
+                              "each other by themselves"))
     return p
 
 
@@ -92,20 +97,27 @@ def _remove_if_empty(path: str, existed: bool) -> None:
             pass
 
 
+def start_processes(ns: argparse.Namespace, devices: int) -> None:
+    """Before any backend use: join a multi-process run when launched as one (TPU metadata,
+    ``GRALORA_DISTRIBUTED=1`` or the flags) and create this process's CPU host devices for ``--mesh``."""
+    from gralora_jax import distributed
+
+    try:
+        distributed.initialize(distributed.DistributedConfig.from_args(ns), devices=devices)
+    except ValueError as e:  # the flags or --mesh; a failed connection keeps its traceback
+        raise UserError(str(e)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the experiment for ``argv``; returns the exit status (see the module docstring)."""
     out_dir, existed = None, True
     try:
-        cfg = parse(argv)
+        ns = build_parser().parse_args(argv)
+        cfg = config_lib.from_namespace(ns)
         out_dir = cfg.out_dir
         existed = os.path.exists(out_dir)
         config_lib.micro_batch_size(cfg)  # batch vs micro-batch vs mesh: checked before any device exists
-        from gralora_jax.hostdevices import ensure_host_devices  # imports no jax
-
-        try:
-            ensure_host_devices(config_lib.mesh_devices(cfg))
-        except RuntimeError as e:
-            raise UserError(f"--mesh {cfg.mesh}: {e}") from None
+        start_processes(ns, config_lib.mesh_devices(cfg))
         from experiments.commonsense import run as run_lib  # jax is imported from here on
 
         results = run_lib.run(cfg)

@@ -29,8 +29,6 @@ be faster for long generations.
 
 from __future__ import annotations
 
-import functools
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -116,14 +114,22 @@ def _pad_rows(arrays: Mapping[str, np.ndarray], multiple: int, rows: int | None 
 
 
 def _place(arrays: Mapping[str, np.ndarray], mesh) -> dict:
+    """The whole eval batch (every process holds the same) onto the mesh, rows over the data axes."""
     import jax
 
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in arrays.items()}
     from gralora_jax import sharding
+    from gralora_jax.distributed import put_global
 
-    shard = sharding.batch_sharding(mesh)
-    return {k: jax.device_put(v, shard) for k, v in arrays.items()}
+    return put_global(dict(arrays), sharding.batch_sharding(mesh))
+
+
+def _fetch(x) -> np.ndarray:
+    """A batch-sharded output as one host array, on every process (rows may live on other hosts)."""
+    from gralora_jax.distributed import gather_to_host
+
+    return gather_to_host(x)
 
 
 def _dp_size(mesh) -> int:
@@ -245,7 +251,7 @@ def generate_answers(
                 att[i, p_len - len(p) :] = 1
             arrays, n = _pad_rows({"ids": ids, "att": att}, dp, bs)
             placed = _place(arrays, mesh)
-            out = np.asarray(generate_fn(params, placed["ids"], placed["att"]))[:n, p_len:]
+            out = _fetch(generate_fn(params, placed["ids"], placed["att"]))[:n, p_len:]
             texts += [_decode(tokenizer, row, eos) for row in out]
             if on_batch:
                 on_batch(len(chunk))
@@ -260,7 +266,7 @@ def generate_answers(
         key = L
         if key not in decoders:
             decoders[key] = _compile_decoder(logits_fn, max_new_tokens, num_beams, eos, pad)
-        out = np.asarray(decoders[key](params, placed["ids"], placed["lengths"]))[:n]
+        out = _fetch(decoders[key](params, placed["ids"], placed["lengths"]))[:n]
         texts += [_decode(tokenizer, row, eos) for row in out]
         if on_batch:
             on_batch(len(chunk))
@@ -327,7 +333,7 @@ def score_options(
         batch = data_lib.pad_batch([e for _, _, e in chunk], pad, bucket_sizes)
         arrays, n = _pad_rows(batch, dp, bs)
         placed = _place(arrays, mesh)
-        vals = np.asarray(scorer(params, placed["input_ids"], placed["attention_mask"], placed["loss_mask"]))[:n]
+        vals = _fetch(scorer(params, placed["input_ids"], placed["attention_mask"], placed["loss_mask"]))[:n]
         for (i, lab, _), v in zip(chunk, vals):
             out[i][lab] = float(v)
         if on_batch:  # records whose last option was scored in this batch

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -57,6 +56,11 @@ EXIT_CODES = {"done": 0, "sigint": 130, "sigterm": 143, "diverged": 1}
 def log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
+
+
+def mesh_context(mesh):
+    """``jax.set_mesh(mesh)``: attention kernels that shard themselves (splash on TPU) see the mesh."""
+    return jax.set_mesh(mesh)
 
 
 def show_progress(cfg: ExperimentConfig) -> bool:
@@ -220,16 +224,6 @@ def _num_params(shapes) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
 
 
-def _with_model_options(model, params, opts: Mapping[str, Any]):
-    """Our model rebuilt with ``opts`` (scan/remat/attention); params stacked for ``scan_layers``."""
-    from gralora_jax.models.layout import stack_layer_params, unstack_layer_params
-
-    model = type(model)(model.config, dtype=model.dtype, param_dtype=model.param_dtype, **opts)
-    params = stack_layer_params(params) if opts.get("scan_layers") else unstack_layer_params(params)
-    model.params = params
-    return model, params
-
-
 def _is_scanned(params) -> bool:
     try:
         return "scan" in params["model"]["layers"]
@@ -238,42 +232,37 @@ def _is_scanned(params) -> bool:
 
 
 def load(inputs: Inputs):
-    """``(model, params)`` of the base: ``--dtype`` (float32 params for ``--method full``), model options."""
-    from gralora_jax.loading.pretrained import build_model, load_config, load_pretrained, param_shapes
+    """``(model, params)`` of the base: ``--dtype`` (float32 params for ``--method full``), model options.
+
+    The params are placed on ``inputs.mesh`` as they are read, each device reading only its shard
+    of the checkpoint (:func:`gralora_jax.loading.load_pretrained_sharded`): the one placed copy
+    of the base, on every host of a multi-host run."""
+    from gralora_jax.loading.pretrained import build_model, load_config, param_shapes
+    from gralora_jax.loading.sharded import load_pretrained_sharded
     from gralora_jax.models import CausalLM
+    from gralora_jax.models.inputs import check_token_ids
 
     cfg = inputs.cfg
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     param_dtype = jnp.float32 if cfg.method == "full" else dtype
     try:
         probe = build_model(load_config(inputs.model_src), dtype=dtype, param_dtype=param_dtype)
+        if inputs.examples:  # an id past the vocabulary would give NaN logits inside jit: refuse it here
+            check_token_ids(np.concatenate([e.input_ids for e in inputs.examples]), probe.config.vocab_size,
+                            what=f"token ids of {inputs.train_src} (tokenizer of {inputs.model_src})")
         ours = isinstance(probe, CausalLM)
         opts = config_lib.model_options(cfg, _num_params(param_shapes(probe)), ours)
-        accepted = inspect.signature(load_pretrained).parameters
-        if opts and all(k in accepted for k in opts):
-            model, params = load_pretrained(inputs.model_src, dtype=dtype, param_dtype=param_dtype, **opts)
-        else:
-            model, params = load_pretrained(inputs.model_src, dtype=dtype, param_dtype=param_dtype)
-            if opts and any(getattr(model.spec, k) != v for k, v in opts.items()):
-                model, params = _with_model_options(model, params, opts)
+        model, params = load_pretrained_sharded(inputs.model_src, inputs.mesh, dtype=dtype, param_dtype=param_dtype,
+                                                model_options=opts or None)
     except (ValueError, OSError) as e:  # unsupported architecture, missing/corrupt weights, ...
         if isinstance(e, UserError):
             raise
         raise UserError(f"--model {inputs.model_src}: {e}") from None
-    _check_vocab(inputs, int(getattr(model.config, "vocab_size", 0) or 0))
     if ours:
         s = model.spec
         log(f"base: {type(model).__name__}, {_num_params(params) / 1e6:.1f}M parameters, {cfg.dtype}, "
             f"scan_layers={s.scan_layers}, remat={s.remat_policy}, attention={s.attn_implementation or 'auto'}")
     return model, params
-
-
-def _check_vocab(inputs: Inputs, vocab_size: int) -> None:
-    """The tokenizer's ids must index the model's embedding (a mismatched pair gives NaN or wrapped ids)."""
-    top = max((max(e.input_ids) for e in inputs.examples if e.input_ids), default=-1)
-    if vocab_size and top >= vocab_size:
-        raise UserError(f"--model {inputs.model_src}: its tokenizer yields token id {top} but the model's vocab_size "
-                        f"is {vocab_size} (tokenizer and weights do not belong together)")
 
 
 # ----------------------------------------------------------------------------- step 3: adapt
@@ -316,26 +305,30 @@ def adapt(inputs: Inputs, model, params) -> Adapted:
     else:
         try:
             gm = get_gralora_model(model, acfg, params=params, rng=jax.random.PRNGKey(cfg.seed))
-        except (ValueError, TypeError) as e:
-            if not _is_scanned(params) or "scan_layers" in cfg.given:
-                raise UserError(f"adapters on {inputs.model_src}: {e}") from None
-            # automatic --scan-layers on a library without scanned-kernel surgery: fall back to unrolled
-            log(f"scanned layers are not supported by this surgery ({e}); using unrolled layers")
-            model, params = _with_model_options(model, params, {**_options_of(model), "scan_layers": False})
-            gm = get_gralora_model(model, acfg, params=params, rng=jax.random.PRNGKey(cfg.seed))
+        except (ValueError, TypeError) as e:  # e.g. a --target-modules name the model lacks, k not dividing a width
+            raise UserError(f"adapters on {inputs.model_src}: {e}") from None
         if jax.process_index() == 0:
             gm.print_trainable_parameters()
     mask = gm.trainable_mask(full=cfg.method == "full")
-    model_type = getattr(getattr(model, "config", None), "model_type", "default")
-    rules = model_type if model_type in sharding.RULES else "default"
+    rules = _sharding_rules(model, inputs)
     specs = sharding.param_partition_specs(gm.params, rules, inputs.mesh)
     placed = sharding.shard_params(gm.params, inputs.mesh, specs)
     return Adapted(model, gm, acfg, mask, specs, placed)
 
 
-def _options_of(model) -> dict:
-    s = model.spec
-    return {"scan_layers": s.scan_layers, "remat_policy": s.remat_policy, "attn_implementation": s.attn_implementation}
+def _sharding_rules(model, inputs: Inputs) -> str:
+    """The model type's sharding rules; a type without rules may only run on a data-parallel mesh (replicated)."""
+    from gralora_jax import sharding
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in sharding.RULES:
+        return model_type
+    split = {a: n for a, n in inputs.mesh.shape.items() if a != "data" and n > 1}
+    if split:
+        raise UserError(f"--mesh {inputs.cfg.mesh}: there are no sharding rules for model type {model_type!r}, so its "
+                        f"weights cannot be split over {', '.join(split)}; use a data-parallel mesh such as "
+                        f"{inputs.mesh.size}x1")
+    return "default"
 
 
 # ----------------------------------------------------------------------------- step 4: train
@@ -382,7 +375,8 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
     log(f"{len(inputs.examples)} training sequences, {it.steps_per_epoch} steps/epoch, {inputs.steps} steps; "
         f"mesh {dict(inputs.mesh.shape)}, micro-batch {cfg.micro_batch_size}")
     t = time.time()
-    trainer.fit(it)
+    with mesh_context(inputs.mesh):
+        trainer.fit(it)
     seconds = time.time() - t
     reason = trainer.stop_reason or "done"
     log(f"trained to step {trainer.step} in {seconds:.1f}s ({reason})")
@@ -394,31 +388,41 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
 
 def export(inputs: Inputs, adapted: Adapted, params) -> dict[str, str]:
     """The PEFT adapter (``adapter/``), and the merged base (``merged/``) with ``--export-merged``;
-    full fine-tuning writes ``model/``. Returns ``{what: directory}``."""
-    from gralora_jax import tree as tree_lib
+    full fine-tuning writes ``model/``. Returns ``{what: directory}``.
+
+    Every process takes part in gathering what is written (the adapter leaves; the whole tree
+    for a merged or full export), process 0 alone writes. Trained tensors holding NaN or Inf
+    are refused (``FloatingPointError``) before anything is written."""
+    from gralora_jax.distributed import gather_to_host, is_main_process
 
     cfg = inputs.cfg
-    host = jax.device_get(params)
     written = {}
-    trainable, _ = tree_lib.split_trainable(host, adapted.mask)
-    bad = [k for k, v in tree_lib.flatten(trainable).items() if not np.isfinite(np.asarray(v, np.float32)).all()]
-    if bad:
-        raise FloatingPointError(f"refusing to export: {len(bad)} trained tensor(s) hold NaN or Inf (first: {bad[0]})")
-    if jax.process_index() != 0:
-        return written
     if adapted.adapter_config is not None:
+        adapters = gather_to_host(adapted.gm.adapter_params(params))
+        _refuse_non_finite(adapters)
         dest = fileio.join(inputs.out, "adapter")
-        adapted.gm.save_pretrained(dest, params=host)
+        if is_main_process():
+            adapted.gm.save_pretrained(dest, params=adapters)
         log(f"adapter (PEFT format) -> {dest}")
         written["adapter"] = dest
     if cfg.export_merged or adapted.adapter_config is None:
-        merged = adapted.gm.merge_and_unload(host) if adapted.adapter_config is not None else host
+        host = gather_to_host(params)
         what = "merged" if adapted.adapter_config is not None else "model"
         dest = fileio.join(inputs.out, what)
-        export_hf(merged, adapted.model.config, dest, inputs.tokenizer)
+        if is_main_process():
+            merged = adapted.gm.merge_and_unload(host) if adapted.adapter_config is not None else host
+            export_hf(merged, adapted.model.config, dest, inputs.tokenizer)
         log(f"{'merged model' if what == 'merged' else 'model'} (HF layout) -> {dest}")
         written[what] = dest
     return written
+
+
+def _refuse_non_finite(tree) -> None:
+    from gralora_jax import tree as tree_lib
+
+    bad = [k for k, v in tree_lib.flatten(tree).items() if not np.isfinite(np.asarray(v, np.float32)).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to export: {len(bad)} trained tensor(s) hold NaN or Inf (first: {bad[0]})")
 
 
 def export_hf(params: Mapping[str, Any], model_config, dest: str, tokenizer) -> None:
@@ -505,12 +509,13 @@ def evaluate(inputs: Inputs, adapted: Adapted, params) -> dict[str, eval_lib.Tas
     """Accuracy on every task of ``inputs.eval_sets`` by ``--eval-mode``, with ``params`` (placed)."""
     cfg = inputs.cfg
     decoder = make_decoder(adapted.gm, inputs.tokenizer, cfg) if cfg.eval_mode == "generate" else None
-    return eval_lib.evaluate_all(
-        adapted.gm.logits_fn, params, inputs.tokenizer, inputs.eval_sets, mode=cfg.eval_mode,
-        num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-        cutoff_len=max(cfg.cutoff_len, 512), mesh=inputs.mesh, generate_fn=decoder, log=log,
-        progress=show_progress(cfg),
-    )
+    with mesh_context(inputs.mesh):
+        return eval_lib.evaluate_all(
+            adapted.gm.logits_fn, params, inputs.tokenizer, inputs.eval_sets, mode=cfg.eval_mode,
+            num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+            cutoff_len=max(cfg.cutoff_len, 512), mesh=inputs.mesh, generate_fn=decoder, log=log,
+            progress=show_progress(cfg),
+        )
 
 
 summarize = eval_lib.summarize
