@@ -164,22 +164,41 @@ def test_export_merged_from_a_gguf_source_loads_in_transformers(tmp_path):
         assert np.abs(hf(torch.from_numpy(ids)).logits.numpy() - want).max() > 1e-3
 
 
-def test_automatic_scan_keeps_adapters_working(cache, tmp_path, monkeypatch, capsys):
-    """With the automatic rule choosing scan, an adapter run still adapts (unrolled if the surgery
-    cannot handle stacked kernels, saying so) and its logits equal the unrolled model's."""
+def test_automatic_scan_adapts_stacked_kernels(cache, tmp_path, monkeypatch):
+    """When the automatic rule chooses scan, an adapter run adapts the stacked kernels: same logits as the
+    unrolled model with the same adapters (B moved off zero so the adapters matter)."""
+    from gralora_jax import tree as tree_lib
+    from gralora_jax.models.layout import stack_layer_params
+
     monkeypatch.setattr(config_lib, "SCAN_FROM_PARAMS", 0)
-    cfg = make_config(cache_dir=str(cache), output_dir=str(tmp_path / "out"), **BRIEF)
-    inputs = R.prepare(cfg)
-    model, params = R.load(inputs)
-    assert model.spec.scan_layers
-    adapted = R.adapt(inputs, model, params)
-    if not adapted.model.spec.scan_layers:
-        assert "using unrolled layers" in capsys.readouterr().out
+    inputs = R.prepare(make_config(cache_dir=str(cache), output_dir=str(tmp_path / "out"), **BRIEF))
+    scanned = R.adapt(inputs, *R.load(inputs))
+    assert scanned.model.spec.scan_layers and "scan" in scanned.params["model"]["layers"]
     monkeypatch.setattr(config_lib, "SCAN_FROM_PARAMS", 10**12)
     ref = R.adapt(inputs, *R.load(inputs))
+    assert not ref.model.spec.scan_layers
+    rng = np.random.default_rng(1)
+    flat = {k: (rng.normal(0, 0.1, v.shape).astype(np.float32) if k.endswith("gralora_B") else np.asarray(v))
+            for k, v in tree_lib.flatten(jax.device_get(ref.params)).items()}
+    unrolled = tree_lib.unflatten(flat)
     ids = jnp.asarray(np.arange(1, 17, dtype=np.int32).reshape(2, 8))
-    np.testing.assert_allclose(np.asarray(adapted.gm.logits_fn(adapted.params, ids)),
-                               np.asarray(ref.gm.logits_fn(ref.params, ids)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scanned.gm.logits_fn(stack_layer_params(unrolled), ids)),
+                               np.asarray(ref.gm.logits_fn(unrolled, ids)), atol=1e-5)
+
+
+def test_model_types_without_sharding_rules_need_a_data_parallel_mesh(cache, tmp_path):
+    import dataclasses
+    import types
+
+    inputs = R.prepare(make_config(cache_dir=str(cache), output_dir=str(tmp_path / "o"), **BRIEF))
+    odd = types.SimpleNamespace(config=types.SimpleNamespace(model_type="no-such-family"))
+    with pytest.raises(UserError, match="--mesh 2x2: there are no sharding rules for model type 'no-such-family'"):
+        R._sharding_rules(odd, inputs)
+    flat = dataclasses.replace(inputs, cfg=dataclasses.replace(inputs.cfg, mesh="4x1"),
+                               mesh=R._make_mesh(dataclasses.replace(inputs.cfg, mesh="4x1")))
+    assert R._sharding_rules(odd, flat) == "default"
+    llama = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
+    assert R._sharding_rules(llama, inputs) == "llama"
 
 
 def test_evaluation_progress_bar_only_when_asked(cache, capsys):
@@ -212,5 +231,5 @@ def test_tokenizer_ids_beyond_the_model_vocab_are_refused(cache, tmp_path):
 
     inputs = R.prepare(make_config(cache_dir=str(cache), output_dir=str(tmp_path / "o"), **BRIEF))
     big = data_lib.Example((1, 2, 10**6), (1, 1, 1))
-    with pytest.raises(UserError, match="token id 1000000 but the model's vocab_size is"):
+    with pytest.raises(UserError, match="token id 1000000 at index .* is outside the vocabulary"):
         R.load(dataclasses.replace(inputs, examples=inputs.examples[:4] + [big]))

@@ -29,8 +29,6 @@ be faster for long generations.
 
 from __future__ import annotations
 
-import functools
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence

@@ -224,16 +224,6 @@ def _num_params(shapes) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
 
 
-def _with_model_options(model, params, opts: Mapping[str, Any]):
-    """Our model rebuilt with ``opts`` (scan/remat/attention); params stacked for ``scan_layers``."""
-    from gralora_jax.models.layout import stack_layer_params, unstack_layer_params
-
-    model = type(model)(model.config, dtype=model.dtype, param_dtype=model.param_dtype, **opts)
-    params = stack_layer_params(params) if opts.get("scan_layers") else unstack_layer_params(params)
-    model.params = params
-    return model, params
-
-
 def _is_scanned(params) -> bool:
     try:
         return "scan" in params["model"]["layers"]
@@ -268,20 +258,11 @@ def load(inputs: Inputs):
         if isinstance(e, UserError):
             raise
         raise UserError(f"--model {inputs.model_src}: {e}") from None
-    _check_vocab(inputs, int(getattr(model.config, "vocab_size", 0) or 0))
     if ours:
         s = model.spec
         log(f"base: {type(model).__name__}, {_num_params(params) / 1e6:.1f}M parameters, {cfg.dtype}, "
             f"scan_layers={s.scan_layers}, remat={s.remat_policy}, attention={s.attn_implementation or 'auto'}")
     return model, params
-
-
-def _check_vocab(inputs: Inputs, vocab_size: int) -> None:
-    """The tokenizer's ids must index the model's embedding (a mismatched pair gives NaN or wrapped ids)."""
-    top = max((max(e.input_ids) for e in inputs.examples if e.input_ids), default=-1)
-    if vocab_size and top >= vocab_size:
-        raise UserError(f"--model {inputs.model_src}: its tokenizer yields token id {top} but the model's vocab_size "
-                        f"is {vocab_size} (tokenizer and weights do not belong together)")
 
 
 # ----------------------------------------------------------------------------- step 3: adapt
@@ -324,26 +305,30 @@ def adapt(inputs: Inputs, model, params) -> Adapted:
     else:
         try:
             gm = get_gralora_model(model, acfg, params=params, rng=jax.random.PRNGKey(cfg.seed))
-        except (ValueError, TypeError) as e:
-            if not _is_scanned(params) or "scan_layers" in cfg.given:
-                raise UserError(f"adapters on {inputs.model_src}: {e}") from None
-            # automatic --scan-layers on a library without scanned-kernel surgery: fall back to unrolled
-            log(f"scanned layers are not supported by this surgery ({e}); using unrolled layers")
-            model, params = _with_model_options(model, params, {**_options_of(model), "scan_layers": False})
-            gm = get_gralora_model(model, acfg, params=params, rng=jax.random.PRNGKey(cfg.seed))
+        except (ValueError, TypeError) as e:  # e.g. a --target-modules name the model lacks, k not dividing a width
+            raise UserError(f"adapters on {inputs.model_src}: {e}") from None
         if jax.process_index() == 0:
             gm.print_trainable_parameters()
     mask = gm.trainable_mask(full=cfg.method == "full")
-    model_type = getattr(getattr(model, "config", None), "model_type", "default")
-    rules = model_type if model_type in sharding.RULES else "default"
+    rules = _sharding_rules(model, inputs)
     specs = sharding.param_partition_specs(gm.params, rules, inputs.mesh)
     placed = sharding.shard_params(gm.params, inputs.mesh, specs)
     return Adapted(model, gm, acfg, mask, specs, placed)
 
 
-def _options_of(model) -> dict:
-    s = model.spec
-    return {"scan_layers": s.scan_layers, "remat_policy": s.remat_policy, "attn_implementation": s.attn_implementation}
+def _sharding_rules(model, inputs: Inputs) -> str:
+    """The model type's sharding rules; a type without rules may only run on a data-parallel mesh (replicated)."""
+    from gralora_jax import sharding
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in sharding.RULES:
+        return model_type
+    split = {a: n for a, n in inputs.mesh.shape.items() if a != "data" and n > 1}
+    if split:
+        raise UserError(f"--mesh {inputs.cfg.mesh}: there are no sharding rules for model type {model_type!r}, so its "
+                        f"weights cannot be split over {', '.join(split)}; use a data-parallel mesh such as "
+                        f"{inputs.mesh.size}x1")
+    return "default"
 
 
 # ----------------------------------------------------------------------------- step 4: train
