@@ -472,6 +472,14 @@ def _progress_bar(cfg: TrainConfig, start: int):
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
+def _device_memory() -> dict:
+    """``{"peak_bytes": ...}``: the allocator's peak on this process's first device, where the
+    backend reports it (GPU, TPU; not CPU). A host-side query: no device sync."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"peak_bytes": float(peak)} if peak else {}
+
+
 def _interval_metrics(rows: list[Mapping[str, Any]], seconds: float) -> dict:
     """Host metrics for the steps since the last log: the mean over those steps of every metric,
     except ``lr`` (the last step's); ``tokens_per_s`` and ``step_time`` over the wall time."""
@@ -727,7 +735,7 @@ class Trainer:
                     if step % cfg.log_every == 0 or last or stop:
                         host = self._fetch(step, pending)
                         now = time.perf_counter()
-                        m = _interval_metrics(host, now - t_log)
+                        m = {**_interval_metrics(host, now - t_log), **_device_memory()}
                         pending, t_log = [], now
                         log.log(step, {**m, "time": time.time()})
                         if bar is not None:
