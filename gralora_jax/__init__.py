@@ -18,6 +18,7 @@ from gralora_jax.layers import (
     unmerge,
 )
 from gralora_jax.loading import load_pretrained, load_tokenizer
+from gralora_jax.models.inputs import check_token_ids
 from gralora_jax.peft_io import load_adapter, save_adapter
 from gralora_jax.surgery import GraLoRAModel, add_adapters, get_gralora_model
 from gralora_jax.optim import OptimConfig, make_optimizer
@@ -26,11 +27,12 @@ from gralora_jax.train import (EXIT_CODES, TrainConfig, Trainer, TrainingDiverge
                                train)
 from gralora_jax.checkpoint import Checkpointer, CorruptCheckpointError, check_resume_guard
 from gralora_jax.hostdevices import ensure_host_devices
-from gralora_jax.distributed import maybe_initialize_distributed
+from gralora_jax.distributed import DistributedConfig, gather_to_host, maybe_initialize_distributed, put_global
 
 __all__ = [
     "Checkpointer",
     "CorruptCheckpointError",
+    "DistributedConfig",
     "EXIT_CODES",
     "TrainingDiverged",
     "check_resume_guard",
@@ -38,12 +40,15 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "Trainer",
+    "check_token_ids",
     "ensure_host_devices",
+    "gather_to_host",
     "make_causal_lm_loss_fn",
     "make_mesh",
     "make_optimizer",
     "maybe_initialize_distributed",
     "param_partition_specs",
+    "put_global",
     "train",
     "GraLoRAConfig",
     "GraLoRADense",

@@ -18,9 +18,13 @@ ValueError: r should be divisible by gralora_k, but got 6 and 4
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import warnings
 from typing import Any, Optional, Sequence, Union
+
+from gralora_jax import fileio
+
+CONFIG_NAME = "adapter_config.json"
 
 TargetModules = Union[str, tuple[str, ...], None]
 
@@ -34,6 +38,67 @@ def _as_tuple(v):
     if isinstance(v, int):
         return (v,)
     return tuple(v)
+
+
+# JSON type rules for adapter_config.json fields, one table for both config classes:
+# field -> (what it must be, check). Fields not listed are not read (or are free-form).
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_str_or_list_of(check):
+    return lambda v: v is None or check(v) or (isinstance(v, list) and all(check(x) for x in v))
+
+
+_FIELD_TYPES = {
+    "r": ("an integer", _is_int),
+    "hybrid_r": ("an integer", _is_int),
+    "gralora_k": ("an integer", _is_int),
+    "alpha": ("a number", _is_number),
+    "lora_alpha": ("a number", _is_number),
+    "gralora_dropout": ("a number", _is_number),
+    "lora_dropout": ("a number", _is_number),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+    "init_weights": ("true or false", lambda v: isinstance(v, bool)),
+    "init_lora_weights": ("true or false", lambda v: isinstance(v, bool)),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "bias": ("a string", lambda v: isinstance(v, str)),
+    "target_modules": ("a string, a list of strings or null", _is_str_or_list_of(lambda x: isinstance(x, str))),
+    "layers_to_transform": ("an integer, a list of integers or null", _is_str_or_list_of(_is_int)),
+    "layers_pattern": ("a string, a list of strings or null", _is_str_or_list_of(lambda x: isinstance(x, str))),
+    "modules_to_save": ("a list of strings or null", lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))),
+    "base_model_name_or_path": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "task_type": ("a string or null", lambda v: v is None or isinstance(v, str)),
+}
+
+# Fields whose absence from adapter_config.json silently changes the adapter's outputs
+# (PEFT's default is assumed): loading warns about each one that is missing.
+_OUTPUT_FIELDS = {
+    "GRALORA": ("r", "alpha", "gralora_k", "hybrid_r"),
+    "LORA": ("r", "lora_alpha", "use_rslora"),
+}
+
+
+def _check_field_types(d: dict[str, Any]) -> None:
+    for name, (want, ok) in _FIELD_TYPES.items():
+        if name in d and not ok(d[name]):
+            raise ValueError(f"field {name!r} must be {want}, got {d[name]!r} ({type(d[name]).__name__})")
+
+
+def _warn_missing_fields(d: dict[str, Any], kind: str, cls, source: str) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for name in _OUTPUT_FIELDS[kind]:
+        if name not in d:
+            warnings.warn(
+                f"{source} has no {name!r}; assuming PEFT's default {defaults.get(name, False)!r}, which may not be "
+                f"what the adapter was trained with",
+                stacklevel=4,
+            )
 
 
 def _check_rank(r: int, hybrid_r: int = 0) -> None:
@@ -134,6 +199,7 @@ class GraLoRAConfig:
         peft_type = d.get("peft_type", "GRALORA")
         if str(peft_type).upper() != "GRALORA":
             raise ValueError(f"not a GraLoRA adapter config: peft_type is {peft_type!r}")
+        _check_field_types(d)
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
         if authors_convention:
@@ -209,6 +275,7 @@ class LoRAConfig:
     def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
         if str(d.get("peft_type", "LORA")).upper() != "LORA":
             raise ValueError(f"not a LoRA adapter config: peft_type is {d.get('peft_type')!r}")
+        _check_field_types(d)
         for flag in ("use_rslora", "use_dora"):
             if d.get(flag):
                 raise ValueError(f"LoRA variant {flag}=True is not supported")
@@ -225,24 +292,38 @@ def _target_modules_to_json(t):
     return sorted(t)
 
 
-def config_from_peft_dict(d: dict[str, Any], *, authors_convention: bool = False) -> AdapterConfig:
-    """Pick the config class from ``peft_type``."""
+def config_from_peft_dict(
+    d: dict[str, Any], *, authors_convention: bool = False, source: str = "the adapter config"
+) -> AdapterConfig:
+    """Pick the config class from ``peft_type``.
+
+    Field types are checked first (``r: "8"`` is an error, not a silent string); each field
+    that changes the adapter's outputs but is missing (``alpha``, ``r``, ...) gets a one-line
+    warning naming ``source``, since PEFT's default is then assumed.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"an adapter config must be a JSON object, got {type(d).__name__}")
     kind = str(d.get("peft_type", "")).upper()
+    classes = {"GRALORA": GraLoRAConfig, "LORA": LoRAConfig}
+    if kind not in classes:
+        raise ValueError(f"unsupported peft_type {d.get('peft_type')!r}: expected GRALORA or LORA")
+    _check_field_types(d)  # before the warnings: a present but wrong-typed field is an error, not "missing"
+    _warn_missing_fields(d, kind, classes[kind], source)
     if kind == "GRALORA":
         return GraLoRAConfig.from_peft_dict(d, authors_convention=authors_convention)
-    if kind == "LORA":
-        return LoRAConfig.from_peft_dict(d)
-    raise ValueError(f"unsupported peft_type {d.get('peft_type')!r}: expected GRALORA or LORA")
+    return LoRAConfig.from_peft_dict(d)
 
 
 def load_adapter_config(directory: Union[str, os.PathLike], **kw) -> AdapterConfig:
-    """Read ``adapter_config.json`` from a PEFT adapter directory (``kw`` as in :func:`config_from_peft_dict`)."""
-    path = os.path.join(directory, "adapter_config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no adapter_config.json in {directory}")
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return config_from_peft_dict(d, **kw)
+    """Read ``adapter_config.json`` from a PEFT adapter directory (``kw`` as in :func:`config_from_peft_dict`).
+
+    Every problem with the file is a one-line ``ValueError`` that starts with its path.
+    """
+    path = fileio.join(directory, CONFIG_NAME)
+    if not fileio.exists(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {fileio.path_str(directory)}")
+    d = fileio.read_json_object(path, "adapter config")
+    try:
+        return config_from_peft_dict(d, source=path, **kw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -21,9 +21,10 @@ Paths are never passed through :class:`pathlib.Path`, which collapses ``gs://buc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from typing import Union
+from typing import BinaryIO, Iterator, Union
 
 from etils import epath
 
@@ -69,15 +70,27 @@ def read_bytes(path: PathLike) -> bytes:
     return as_path(path).read_bytes()
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+@contextlib.contextmanager
+def atomic_open(path: PathLike) -> Iterator[BinaryIO]:
+    """A binary file to stream into; it replaces ``path`` only if the ``with`` block succeeds.
 
-    The parent directory is created if missing.
+    Locally the data goes to a temporary file in the target's directory, which is flushed,
+    fsynced and renamed over ``path`` on success and deleted on any error (or interrupt), so
+    ``path`` holds the old content or the new, never a part. The parent directory is created
+    if missing.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "w.bin")
+    >>> with atomic_open(p) as f:
+    ...     _ = f.write(b"abc")
+    >>> read_bytes(p)
+    b'abc'
     """
     if is_remote(path):
         p = as_path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)  # an object store publishes the object only once the upload completes
+        with p.open("wb") as f:  # an object store publishes the object only once the upload completes
+            yield f
         return
     target = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(target))
@@ -85,7 +98,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(target) + ".", dir=parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -96,6 +109,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             pass
         raise
     _fsync_dir(parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part.
+
+    The parent directory is created if missing.
+    """
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -114,3 +136,35 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json_object(path: PathLike, what: str = "JSON file") -> dict:
+    """Parse ``path`` as a JSON object (dict); any other content is a one-line ``ValueError``
+    naming the file (``what`` says what the file should be, e.g. "safetensors index").
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "c.json")
+    >>> atomic_write_text(p, "[1, 2]")
+    >>> read_json_object(p, "adapter config")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: .../c.json: adapter config must be a JSON object, got a list
+    """
+    import json
+
+    try:
+        text = read_text(path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path_str(path)}: {what} is not UTF-8 text") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path_str(path)}: {what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path_str(path)}: {what} must be a JSON object, got {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)

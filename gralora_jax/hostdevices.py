@@ -29,30 +29,38 @@ def _cpu_platform_requested() -> bool:
     return plat in ("", "cpu") or plat.startswith("cpu")
 
 
-def ensure_host_devices(n: int) -> None:
-    """Make sure at least ``n`` devices will be visible.
+def _backend_initialised(jax_mod) -> bool:
+    if jax_mod is None:
+        return False
+    try:
+        from jax._src import xla_bridge
 
-    Before jax is imported (and when the platform is CPU or unspecified) this sets
-    ``XLA_FLAGS=--xla_force_host_platform_device_count=n`` (an accelerator backend, if
-    present, ignores it). After jax's backend is up it checks ``jax.device_count() >= n``
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except Exception:  # pragma: no cover - private API moved: assume initialised
+        return True
+
+
+def ensure_host_devices(n: int, *, exact: bool = False) -> None:
+    """Make sure at least ``n`` devices will be visible (exactly ``n`` CPU devices with ``exact``).
+
+    Before jax's backend starts (and when the platform is CPU or unspecified) this sets
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=n`` and, when jax is already imported,
+    ``jax.config.update("jax_num_cpu_devices", n)`` (an accelerator backend, if present,
+    ignores both). ``exact`` is for multi-process CPU runs, where each process must create
+    precisely its share of the mesh (a global mesh 4x2 over 2 processes: 4 each) even when
+    ``XLA_FLAGS`` asks for more. After jax's backend is up it checks ``jax.device_count() >= n``
     and raises ``RuntimeError`` explaining how to fix it otherwise.
     """
     if n < 1:
         raise ValueError(f"ensure_host_devices: n must be >= 1, got {n}")
     jax_mod = sys.modules.get("jax")
-    initialised = False
-    if jax_mod is not None:
-        try:
-            from jax._src import xla_bridge
-
-            initialised = bool(getattr(xla_bridge, "_backends", {}))
-        except Exception:  # pragma: no cover - private API moved: assume initialised
-            initialised = True
-    if not initialised:
+    if not _backend_initialised(jax_mod):
         if _cpu_platform_requested():
             m = re.search(rf"{_FLAG}=(\d+)", os.environ.get("XLA_FLAGS", ""))
-            if m is None or int(m.group(1)) < n:
+            if exact or m is None or int(m.group(1)) < n:
                 _set_flag(n)
+                if jax_mod is not None and hasattr(jax_mod, "config"):
+                    jax_mod.config.update("jax_num_cpu_devices", n)  # wins over XLA_FLAGS at backend start
         return
     have = jax_mod.device_count()
     if have < n:

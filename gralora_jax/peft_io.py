@@ -20,6 +20,10 @@ tree leaf                   PEFT key suffix                             layout c
 'base_model.model.model.layers.0.self_attn.q_proj.gralora_A'
 >>> adapter_path("base_model.model.model.layers.0.self_attn.q_proj.gralora_A_general.weight")
 'model/layers/0/self_attn/q_proj/gralora_A_general'
+
+Stacked (``scan_layers=True``) adapters ``model/layers/scan/...`` ``[L, ...]`` are written as the
+L unrolled layers' keys, so a scanned model's file is the unrolled model's file; reading always
+gives the unrolled tree (:meth:`gralora_jax.surgery.GraLoRAModel.from_pretrained` stacks it).
 """
 
 from __future__ import annotations
@@ -30,11 +34,13 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
+from gralora_jax import fileio
 from gralora_jax import tree as tree_lib
-from gralora_jax.config import AdapterConfig, load_adapter_config
+from gralora_jax.config import CONFIG_NAME, AdapterConfig, load_adapter_config
+from gralora_jax.loading.convert import is_floating
+from gralora_jax.models import layout as layout_lib
 
 PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 # tree leaf name -> (PEFT key suffix, transposed?)
@@ -81,7 +87,9 @@ def _transposed(leaf: str) -> bool:
 
 
 def to_peft_state_dict(adapters: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Adapter sub-tree (nested dict) -> ``{peft_key: array}`` in PEFT's layouts."""
+    """Adapter sub-tree (nested dict, unrolled or scanned) -> ``{peft_key: array}`` in PEFT's layouts."""
+    if layout_lib.is_scanned(adapters):
+        adapters = layout_lib.unstack_layer_params(adapters)
     out = {}
     adapted = set(tree_lib.adapted_modules(adapters))
     for path, v in tree_lib.flatten(adapters).items():
@@ -90,7 +98,7 @@ def to_peft_state_dict(adapters: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if key in out:
             raise ValueError(f"two tree leaves map to the PEFT key {key!r}")
         out[key] = np.ascontiguousarray(a.T if _transposed(tree_lib.leaf_name(path)) else a)
-    return out
+    return dict(sorted(out.items()))  # one key order whatever the tree's (scanned or not): same file bytes
 
 
 def from_peft_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,34 +106,67 @@ def from_peft_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
     Also accepts PEFT's in-memory keys (with the adapter name ``.default``).
     """
-    flat = {}
-    for key, v in state_dict.items():
-        key = key.replace(".default.weight", ".weight")
+    flat, source = {}, {}
+    for original, v in state_dict.items():
+        key = original.replace(".default.weight", ".weight")
         if key.endswith(".default"):
             key = key[: -len(".default")]
         path = adapter_path(key)
+        if path in source:
+            raise ValueError(f"keys {source[path]!r} and {original!r} both name the adapter leaf {path!r}")
+        source[path] = original
         a = np.asarray(v)
         flat[path] = a.T if _transposed(tree_lib.leaf_name(path)) else a
     return tree_lib.unflatten(flat)
 
 
+def check_adapter_tensors(state_dict: Mapping[str, Any], where: str) -> None:
+    """Refuse what no adapter file may hold: no tensors at all, non-float tensors (int/bool
+    would be cast silently), NaN or Inf values. ``where`` starts each one-line error
+    (the file being read, or what is being saved).
+
+    >>> check_adapter_tensors({"a": np.array([1.0, np.nan])}, "adapter.safetensors")
+    Traceback (most recent call last):
+    ...
+    ValueError: adapter.safetensors: tensor 'a' has 1 non-finite value(s) (NaN/Inf) out of 2
+    """
+    if not state_dict:
+        raise ValueError(f"{where}: no adapter tensors")
+    for key, v in state_dict.items():
+        a = np.asarray(v)
+        if not is_floating(a):
+            raise ValueError(f"{where}: tensor {key!r} has dtype {a.dtype}; adapter tensors must be floating point")
+        bad = a.size - int(np.count_nonzero(np.isfinite(a.astype(np.float32))))
+        if bad:
+            raise ValueError(f"{where}: tensor {key!r} has {bad} non-finite value(s) (NaN/Inf) out of {a.size}")
+
+
 def save_adapter(directory: Union[str, os.PathLike], config: AdapterConfig, adapters: Mapping[str, Any], *, config_overrides=None) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does."""
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` as PEFT does.
+
+    Everything is checked before anything is written (there are tensors, all floating point
+    and finite: :func:`check_adapter_tensors`); then the tensors and after them the config are
+    each written atomically (:mod:`gralora_jax.fileio`), so an interrupted or refused save
+    never leaves a new config beside old weights, nor a partial weights file.
+    """
     from gralora_jax.loading import write_safetensors
 
-    os.makedirs(directory, exist_ok=True)
     d = config.to_peft_dict()
     d.update(config_overrides or {})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(d, f, indent=2, sort_keys=True)
+    text = json.dumps(d, indent=2, sort_keys=True)
     sd = to_peft_state_dict(adapters)
-    if not sd:
-        raise ValueError("no adapter tensors to save")
-    write_safetensors(sd, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    check_adapter_tensors(sd, f"refusing to save the adapter to {fileio.path_str(directory)}")
+    fileio.makedirs(directory)
+    write_safetensors(sd, fileio.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    fileio.atomic_write_text(fileio.join(directory, CONFIG_NAME), text)
 
 
 def load_adapter(directory: Union[str, os.PathLike], *, authors_convention: bool = False) -> tuple[AdapterConfig, dict]:
-    """Read a PEFT adapter directory -> ``(config, adapter sub-tree)``."""
+    """Read a PEFT adapter directory -> ``(config, adapter sub-tree)``.
+
+    Refuses, with one line naming the file and key: a malformed config, non-float or
+    non-finite tensors, and two keys naming one leaf (``X`` and ``X.default``).
+    """
     from gralora_jax.loading import read_safetensors_file
 
     config = load_adapter_config(directory, authors_convention=authors_convention)
@@ -136,4 +177,8 @@ def load_adapter(directory: Union[str, os.PathLike], *, authors_convention: bool
         raise ValueError(f"{directory}: adapter_model.bin (torch pickle) is not supported; re-save with safetensors")
     else:
         raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}")
-    return config, from_peft_state_dict(sd)
+    check_adapter_tensors(sd, w)
+    try:
+        return config, from_peft_state_dict(sd)
+    except ValueError as e:
+        raise ValueError(f"{w}: {e}") from None

@@ -10,12 +10,19 @@ so small test shapes never crash.
 
 Adapter leaves have no rules of their own: they follow their sibling ``kernel``. With the
 kernel ``[in, out]`` sharded ``(s_in, s_out)``:
-``gralora_A [k, in/k, r]`` shards its block axis (or, failing divisibility, the in/k axis)
-over ``s_in``; ``gralora_B [k, r, out/k]`` does the same over ``s_out``; ``lora_A`` /
-``gralora_A_general [in, r]`` get ``(s_in, None)``; ``lora_B`` / ``gralora_B_general
-[r, out]`` get ``(None, s_out)``. The rank axis is always replicated. A leading stacked-layer
-(scan) axis is replicated: a rule written for ``[in, out]`` applied to a ``[L, in, out]``
-leaf gets a ``None`` prepended.
+``gralora_A [k, in/k, r]`` over ``s_in`` and ``gralora_B [k, r, out/k]`` over ``s_out``, on
+the block axis when that is the ``model`` axis (block j of the output is a contiguous slice
+of the output features, so the blocks sit where the base layer's output already is; failing
+divisibility the in/k or out/k axis), and on the in/k or out/k axis when it is ``fsdp``
+(weights are gathered before use there; a block axis sharded over ``fsdp`` would collide
+with the batch, which is split over ``fsdp`` too, and made XLA rematerialise the block
+einsums: measured 14 "Involuntary full rematerialization" warnings on a 2x2x2 mesh, none
+now; on pure-FSDP meshes of scanned models, fsdp >= 8 and model 1, XLA still replicates the
+small per-layer adapter slices instead of all-gathering them, at +0.2% / +3.6% of LoRA's
+per-device memory for Llama-3.1-8B on 2x8x1 / 1x16x1, see ``benchmarks/memory_plan.py``). ``lora_A`` / ``gralora_A_general [in, r]`` get ``(s_in, None)``; ``lora_B`` /
+``gralora_B_general [r, out]`` get ``(None, s_out)``. The rank axis is always replicated.
+A leading stacked-layer (scan) axis is replicated: a rule written for ``[in, out]`` applied
+to a ``[L, in, out]`` leaf gets a ``None`` prepended.
 
 >>> parse_mesh("4x2")
 {'data': 4, 'model': 2}
@@ -42,53 +49,52 @@ BATCH_AXES = ("data", "fsdp")
 _F = "fsdp"
 _M = "model"
 
-_DECODER_RULES = [
-    (r"(^|/)self_attn/(q|k|v)_proj/kernel$", P(_F, _M)),
-    (r"(^|/)self_attn/(q|k|v)_proj/bias$", P(_M)),
-    (r"(^|/)self_attn/o_proj/kernel$", P(_M, _F)),
-    (r"(^|/)mlp/(gate|up)_proj/kernel$", P(_F, _M)),
-    (r"(^|/)mlp/down_proj/kernel$", P(_M, _F)),
-    (r"(^|/)embed_tokens/embedding$", P(_M, _F)),
-    (r"(^|/)lm_head/kernel$", P(_F, _M)),
-]
 
-# Rules per architecture (HF Flax parameter names). Norms and anything unmatched: replicated.
+def _family(column=(), row=(), embeddings=(), heads=(), *, out_in: bool = False) -> list[tuple[str, P]]:
+    """One architecture's rules from module-path regexes (Megatron-style tensor parallelism over
+    ``model``, weights also split over ``fsdp``):
+
+    * ``column``: output features over ``model`` (q/k/v, gate/up, ...), their biases too;
+    * ``row``: input features over ``model`` (o, down, ...), so the pair needs one all-reduce;
+    * ``embeddings`` ``[vocab, hidden]``: vocab over ``model``;
+    * ``heads`` ``[hidden, vocab]`` (untied output projections): vocab over ``model``.
+
+    The other kernel axis goes over ``fsdp``. ``out_in``: kernels stored ``[out, in]`` (GPT-2).
+    """
+    col, rw = (P(_M, _F), P(_F, _M)) if out_in else (P(_F, _M), P(_M, _F))
+    rules = [(rf"(^|/){m}/kernel$", col) for m in column]
+    rules += [(rf"(^|/){m}/bias$", P(_M)) for m in column]
+    rules += [(rf"(^|/){m}/kernel$", rw) for m in row]
+    rules += [(rf"(^|/){m}/embedding$", P(_M, _F)) for m in embeddings]
+    rules += [(rf"(^|/){m}/kernel$", P(_F, _M)) for m in heads]
+    return rules
+
+
+_DECODER_RULES = _family(column=[r"self_attn/(q|k|v)_proj", r"mlp/(gate|up)_proj"],
+                         row=[r"self_attn/o_proj", r"mlp/down_proj"], embeddings=["embed_tokens"], heads=["lm_head"])
+_BERT_RULES = _family(column=[r"attention/self/(query|key|value)", r"intermediate/dense"],
+                      row=[r"attention/output/dense", r"layer/\d+/output/dense"], embeddings=["word_embeddings"])
+_T5_RULES = _family(column=[r"(SelfAttention|EncDecAttention)/(q|k|v)", r"DenseReluDense/(wi|wi_0|wi_1)"],
+                    row=[r"(SelfAttention|EncDecAttention)/o", r"DenseReluDense/wo"], embeddings=["shared"],
+                    heads=["lm_head"])
+
+# Rules per transformers ``model_type`` (HF Flax parameter names; our models use the decoder
+# names, scanned layers included: a rule for ``[in, out]`` gets the leading layer axis
+# replicated). Norms, position embeddings, small heads and anything unmatched: replicated.
+# A model type missing here cannot use a mesh with a model or fsdp axis (see param_partition_specs).
 RULES: dict[str, list[tuple[str, P]]] = {
-    "llama": _DECODER_RULES,
-    "mistral": _DECODER_RULES,
-    "qwen2": _DECODER_RULES,
-    "gemma": _DECODER_RULES,
-    # GPT-2's FlaxConv1D stores its kernel as [out, in] (see OUT_IN_KERNELS).
-    "gpt2": [
-        (r"(^|/)h/\d+/attn/c_attn/kernel$", P(_M, _F)),
-        (r"(^|/)h/\d+/attn/c_attn/bias$", P(_M)),
-        (r"(^|/)h/\d+/attn/c_proj/kernel$", P(_F, _M)),
-        (r"(^|/)h/\d+/mlp/c_fc/kernel$", P(_M, _F)),
-        (r"(^|/)h/\d+/mlp/c_fc/bias$", P(_M)),
-        (r"(^|/)h/\d+/mlp/c_proj/kernel$", P(_F, _M)),
-        (r"(^|/)wte/embedding$", P(_M, _F)),
-    ],
-    "bert": [
-        (r"(^|/)attention/self/(query|key|value)/kernel$", P(_F, _M)),
-        (r"(^|/)attention/self/(query|key|value)/bias$", P(_M)),
-        (r"(^|/)attention/output/dense/kernel$", P(_M, _F)),
-        (r"(^|/)intermediate/dense/kernel$", P(_F, _M)),
-        (r"(^|/)intermediate/dense/bias$", P(_M)),
-        (r"(^|/)layer/\d+/output/dense/kernel$", P(_M, _F)),
-        (r"(^|/)word_embeddings/embedding$", P(_M, _F)),
-    ],
-    "t5": [
-        (r"(^|/)(SelfAttention|EncDecAttention)/(q|k|v)/kernel$", P(_F, _M)),
-        (r"(^|/)(SelfAttention|EncDecAttention)/o/kernel$", P(_M, _F)),
-        (r"(^|/)DenseReluDense/(wi|wi_0|wi_1)/kernel$", P(_F, _M)),
-        (r"(^|/)DenseReluDense/wo/kernel$", P(_M, _F)),
-        (r"(^|/)shared/embedding$", P(_M, _F)),
-        (r"(^|/)lm_head/kernel$", P(_F, _M)),
-    ],
-    "default": [],
+    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2"), _DECODER_RULES),
+    "gpt2": _family(column=[r"h/\d+/attn/c_attn", r"h/\d+/mlp/c_fc"], row=[r"h/\d+/attn/c_proj", r"h/\d+/mlp/c_proj"],
+                    embeddings=["wte"], out_in=True),
+    "gptj": _family(column=[r"attn/(q|k|v)_proj", r"mlp/fc_in"], row=[r"attn/out_proj", r"mlp/fc_out"],
+                    embeddings=["wte"], heads=["lm_head"]),
+    "opt": _family(column=[r"self_attn/(q|k|v)_proj", "fc1"], row=[r"self_attn/out_proj", "fc2"],
+                   embeddings=["embed_tokens"], heads=["lm_head"]),
+    "bart": _family(column=[r"(self_attn|encoder_attn)/(q|k|v)_proj", "fc1"],
+                    row=[r"(self_attn|encoder_attn)/out_proj", "fc2"], embeddings=["shared"], heads=["lm_head"]),
+    **dict.fromkeys(("bert", "roberta", "electra"), _BERT_RULES),
+    **dict.fromkeys(("t5", "mt5"), _T5_RULES),
 }
-RULES["roberta"] = RULES["bert"]
-RULES["mt5"] = RULES["t5"]
 
 # Kernels stored [out, in] (so an adapter's in/out shardings swap), per architecture.
 OUT_IN_KERNELS: dict[str, list[str]] = {
@@ -165,12 +171,23 @@ def fit_spec(spec: Sequence[Any], shape: Sequence[int], mesh: Mesh) -> P:
     return P(*out)
 
 
-def _resolve_rules(rules) -> tuple[list[tuple[str, P]], list[str]]:
-    if isinstance(rules, str):
-        if rules not in RULES:
-            raise ValueError(f"no sharding rules for architecture {rules!r}; known: {sorted(RULES)}")
-        return RULES[rules], OUT_IN_KERNELS.get(rules, [])
-    return list(rules or []), []
+def _resolve_rules(rules, mesh: Mesh) -> tuple[list[tuple[str, P]], list[str]]:
+    if rules is None or isinstance(rules, str):
+        if rules in RULES:
+            return RULES[rules], OUT_IN_KERNELS.get(rules, [])
+        split = {a: mesh.shape[a] for a in ("fsdp", "model") if mesh.shape.get(a, 1) > 1}
+        if split:
+            raise ValueError(
+                f"no sharding rules for model type {rules!r} (rules exist for {', '.join(sorted(RULES))}), so the "
+                f"mesh's {' and '.join(f'{a} axis ({n})' for a, n in split.items())} would leave every parameter "
+                f"replicated. Use a data-parallel mesh ('{mesh.devices.size}x1') or add rules to gralora_jax.sharding.RULES"
+            )
+        return [], []  # data parallel only: replicating every parameter is the plan anyway
+    return list(rules), []
+
+
+def _is_batch_axis(entry) -> bool:
+    return any(n in BATCH_AXES for n in (entry if isinstance(entry, tuple) else (entry,)))
 
 
 def _adapter_spec(name: str, shape, s_in, s_out, mesh: Mesh) -> P:
@@ -178,12 +195,15 @@ def _adapter_spec(name: str, shape, s_in, s_out, mesh: Mesh) -> P:
     if name in ("gralora_A", "gralora_B"):
         s = s_in if name == "gralora_A" else s_out
         k, inner = (shape[-3], shape[-2]) if name == "gralora_A" else (shape[-3], shape[-1])
+        on_inner = [None, s, None] if name == "gralora_A" else [None, None, s]
         if s is None:
             body = [None, None, None]
+        elif _is_batch_axis(s):  # fsdp: gathered before use, like the kernel (see module docstring)
+            body = on_inner if inner % _axis_size(mesh, s) == 0 else [None, None, None]
         elif k % _axis_size(mesh, s) == 0:
             body = [s, None, None]
         elif inner % _axis_size(mesh, s) == 0:
-            body = [None, s, None] if name == "gralora_A" else [None, None, s]
+            body = on_inner
         else:
             body = [None, None, None]
     elif name in ("lora_A", "gralora_A_general"):
@@ -196,10 +216,12 @@ def _adapter_spec(name: str, shape, s_in, s_out, mesh: Mesh) -> P:
 def param_partition_specs(params: Mapping[str, Any], rules, mesh: Mesh, *, out_in_kernels=()) -> dict:
     """Tree of :class:`PartitionSpec` for ``params`` (arrays or shape structs).
 
-    ``rules`` is an architecture name (key of :data:`RULES`) or a list of ``(regex, spec)``;
-    ``out_in_kernels`` adds regexes of kernels stored ``[out, in]``.
+    ``rules`` is a model type (key of :data:`RULES`) or a list of ``(regex, spec)``;
+    ``out_in_kernels`` adds regexes of kernels stored ``[out, in]``. A model type without rules
+    (or None) replicates everything on a data-parallel mesh and raises ``ValueError`` when the
+    mesh has a ``model`` or ``fsdp`` axis larger than 1.
     """
-    rule_list, out_in = _resolve_rules(rules)
+    rule_list, out_in = _resolve_rules(rules, mesh)
     out_in = [re.compile(r) for r in (*out_in, *out_in_kernels)]
     compiled = [(re.compile(r), spec) for r, spec in rule_list]
     flat = tree_lib.flatten(params)
@@ -231,8 +253,13 @@ def named_shardings(mesh: Mesh, specs: Any) -> Any:
 
 
 def shard_params(params: Any, mesh: Mesh, specs: Any) -> Any:
-    """Place ``params`` on ``mesh`` according to ``specs`` (a tree of PartitionSpec)."""
-    return jax.device_put(params, named_shardings(mesh, specs))
+    """Place ``params`` on ``mesh`` according to ``specs`` (a tree of PartitionSpec).
+
+    Host leaves go through :func:`gralora_jax.distributed.put_global` (each device copies
+    its slice; no cross-process equality gather), placed arrays are resharded on device."""
+    from gralora_jax.distributed import put_global
+
+    return put_global(params, named_shardings(mesh, specs))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

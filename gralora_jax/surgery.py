@@ -16,6 +16,17 @@ Two steps, neither of which edits the model's source:
    tree stays the single source of truth (train masks, sharding and PEFT keys all derive from
    the same paths).
 
+Scanned models (``scan_layers=True``: ``model/layers/scan/...`` kernels ``[L, in, out]``) get
+stacked adapters (``gralora_A [L, k, in/k, r]``, ...). Targets are matched against the unrolled
+names (``model.layers.<i>.self_attn.q_proj``) as PEFT does, and every adapter is drawn from a
+generator seeded by the rng and its unrolled module name, so scanned and unrolled surgery with
+the same rng give the same adapters. ``nn.scan`` hands each step its layer's slice, so the
+interceptor sees 2-D kernels and 3-D GraLoRA leaves either way.
+
+No silent no-ops: every traced call of the wrapped model's root module checks that each module
+holding adapter leaves went through the interceptor, and raises otherwise (a model that calls
+a layer some other way would return the base model's outputs with zero adapter gradients).
+
 >>> # model = transformers.FlaxLlamaForCausalLM(...)
 >>> # gmodel = get_gralora_model(model, GraLoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))
 >>> # logits = gmodel(input_ids).logits ; gmodel.save_pretrained("out/adapter")
@@ -25,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import os
 import warnings
@@ -38,6 +50,7 @@ from flax import linen as nn
 from gralora_jax import layers, peft_io, quirks
 from gralora_jax import tree as tree_lib
 from gralora_jax.config import AdapterConfig, GraLoRAConfig, LoRAConfig, check_layer_divisible
+from gralora_jax.models import layout as layout_lib
 from gralora_jax.targets import default_target_modules, select_targets
 
 IN_OUT, OUT_IN = "in_out", "out_in"
@@ -113,13 +126,33 @@ def _init_adapter(gen: np.random.Generator, config: AdapterConfig, in_f: int, ou
     }
 
 
-def _host_generator(rng: jax.Array) -> np.random.Generator:
-    """A numpy generator determined by a jax PRNG key (raw uint32 keys and typed keys)."""
+def _host_generator(rng: jax.Array, name: str = "") -> np.random.Generator:
+    """A numpy generator determined by a jax PRNG key (raw uint32 keys and typed keys) and a
+    module name (its unrolled dotted path), so each adapter's draw depends on nothing else:
+    not the order modules are visited in, nor whether the layers are scanned."""
     try:
         data = jax.random.key_data(rng)
     except (TypeError, ValueError):
         data = rng
-    return np.random.default_rng(np.asarray(data, dtype=np.uint32).ravel().tolist())
+    seed = np.asarray(data, dtype=np.uint32).ravel().tolist()
+    if name:
+        seed += np.frombuffer(hashlib.sha256(name.encode()).digest()[:16], dtype=np.uint32).tolist()
+    return np.random.default_rng(seed)
+
+
+def _module_names(linear: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, Optional[int]]]:
+    """Dotted module name as PEFT sees it -> (tree path, layer index within a scanned kernel or None).
+
+    A scanned module ``model/layers/scan/mlp/up_proj`` with kernel ``[L, in, out]`` stands for the
+    L names ``model.layers.<i>.mlp.up_proj``."""
+    out = {}
+    for path, shape in linear.items():
+        if layout_lib.is_scanned_path(path):
+            for i in range(shape[0]):
+                out[layout_lib.layer_path(path, i).replace("/", ".")] = (path, i)
+        else:
+            out[path.replace("/", ".")] = (path, None)
+    return out
 
 
 def add_adapters(
@@ -141,7 +174,7 @@ def add_adapters(
     if any(tree_lib.is_adapter_path(p) for p in tree_lib.flatten(params)):
         raise ValueError("params already hold adapter leaves; merge_and_unload() or strip them first")
     linear = _linear_modules(params)
-    dotted = {p.replace("/", "."): p for p in linear}
+    dotted = _module_names(linear)
     # modules that are not linear (embeddings, norms) must be rejected when targeted explicitly
     if isinstance(config.target_modules, (tuple, list)):
         others = {p.rsplit("/", 1)[0] for p in tree_lib.flatten(params)} - set(linear)
@@ -154,33 +187,94 @@ def add_adapters(
                     f"adapted, and it holds {[l.rsplit('/', 1)[-1] for l in leaves]}"
                 )
     chosen = select_targets(dotted, config.target_modules, config.layers_to_transform, config.layers_pattern)
-    specs = []  # (module path, in_features, out_features)
+    names: dict[str, list[str]] = {}  # module path -> the dotted names chosen (one per layer when scanned)
     for d in chosen:
-        path = dotted[d]
+        names.setdefault(dotted[d][0], []).append(d)
+    specs = []  # (module path, dotted names, in_features, out_features)
+    for path, ds in names.items():
         shape = linear[path]
+        scanned = layout_lib.is_scanned_path(path)
+        if scanned:
+            if len(ds) != shape[0]:
+                layers_chosen = sorted(dotted[d][1] for d in ds)
+                raise ValueError(
+                    f"{path}: the targets select layers {layers_chosen} of {shape[0]}, but a scanned model "
+                    "(scan_layers=True) adapts a module in every layer or none. Use the unrolled model "
+                    "(scan_layers=False) for layers_to_transform / per-layer targets"
+                )
+            ds = sorted(ds, key=lambda d: dotted[d][1])
+            shape = shape[1:]
         if len(shape) != 2:
-            raise TypeError(f"target module {d!r} is not supported: kernel of rank {len(shape)} (only 2-D linear kernels)")
+            raise TypeError(f"target module {ds[0]!r} is not supported: kernel of rank {len(shape)} (only 2-D linear kernels)")
         layout = (layouts or {}).get(path, IN_OUT)
         in_f, out_f = shape if layout == IN_OUT else shape[::-1]
         if isinstance(config, GraLoRAConfig):
             check_layer_divisible(in_f, out_f, config.gralora_k)
-        specs.append((path, in_f, out_f))
+        specs.append((path, ds if scanned else None, in_f, out_f))
 
-    gen = _host_generator(rng)
     flat = tree_lib.flatten(params)
     adapted = []
-    for path, in_f, out_f in specs:
-        for name, v in _init_adapter(gen, config, in_f, out_f, adapter_dtype).items():
+    for path, per_layer, in_f, out_f in specs:
+        if per_layer is None:
+            leaves = _init_adapter(_host_generator(rng, path.replace("/", ".")), config, in_f, out_f, adapter_dtype)
+        else:  # the unrolled model's adapters, stacked
+            drawn = [_init_adapter(_host_generator(rng, d), config, in_f, out_f, adapter_dtype) for d in per_layer]
+            leaves = {n: jnp.stack([a[n] for a in drawn]) for n in drawn[0]}
+        for name, v in leaves.items():
             flat[f"{path}/{name}"] = v
         adapted.append(path)
     return tree_lib.unflatten(flat), adapted
 
 
-def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout: str = "batched") -> Callable:
+class _Visits:
+    """Which adapted modules the interceptor applied, per traced call of the root module.
+
+    A root ``__call__`` (scope path ``()``) opens a frame; every adapter applied inside it is
+    recorded; when it returns, each module of the bound params that holds adapter leaves must
+    have been recorded (except ``may_skip``), else the call raises. Only traces do Python work,
+    so a jit cache hit costs nothing and checks nothing (its trace was checked). ``roots``
+    counts the root calls seen, so a model that never runs a flax module under the interceptor
+    is caught too.
+    """
+
+    def __init__(self, may_skip=()):
+        self.frames: list[set] = []
+        self.may_skip = frozenset(may_skip)  # module paths allowed to stay unvisited (lm_head without logits)
+        self.roots = 0
+
+    def root_call(self, module, call):
+        self.frames.append(set())
+        try:
+            out = call()
+        finally:
+            seen = self.frames.pop()
+        self.roots += 1
+        expected = tree_lib.adapted_modules(module.variables.get("params", {}))
+        missing = [m for m in expected if m not in seen and m not in self.may_skip]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} adapted module(s) were not called through the GraLoRA interceptor during "
+                f"{type(module).__name__}.__call__, so their adapters would be silently ignored: "
+                f"{missing[:6]}{' ...' if len(missing) > 6 else ''}. Adapted layers must be flax nn.Dense / "
+                "FlaxConv1D modules called with __call__ inside GraLoRAModel (or its intercept() context)"
+            )
+        return out
+
+    def applied(self, module) -> None:
+        if self.frames:
+            self.frames[-1].add("/".join(module.scope.path))
+
+
+def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout: str = "batched",
+                 visits: Optional[_Visits] = None) -> Callable:
+    visits = _Visits() if visits is None else visits
+
     def intercept(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        if not m.scope.path:
+            return visits.root_call(m, lambda: next_fun(*args, **kwargs))
         names = [n for n in tree_lib.ADAPTER_LEAVES if m.has_variable("params", n)]
         if not names:
             return next_fun(*args, **kwargs)
@@ -190,6 +284,7 @@ def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout:
                 "nn.Dense and FlaxConv1D can be adapted"
             )
         y = next_fun(*args, **kwargs)
+        visits.applied(m)
         adapter = {n: m.get_variable("params", n) for n in names}
         rng = None
         if train and dropout_rate > 0.0:
@@ -230,15 +325,31 @@ class GraLoRAModel:
         return self.config.scaling
 
     @contextlib.contextmanager
-    def intercept(self, train: bool = False):
-        """Context in which the wrapped model's Dense calls add their adapters."""
-        with nn.intercept_methods(_interceptor(self.scaling, self.config.dropout, train, self.block_layout)):
+    def intercept(self, train: bool = False, *, may_skip=(), _visits: Optional[_Visits] = None):
+        """Context in which the wrapped model's Dense calls add their adapters.
+
+        Each traced call of the model's root module inside it raises ``RuntimeError`` when a
+        module holding adapter leaves was not called through the interceptor; ``may_skip``
+        names module paths allowed to stay unvisited."""
+        visits = _Visits(may_skip) if _visits is None else _visits
+        with nn.intercept_methods(_interceptor(self.scaling, self.config.dropout, train, self.block_layout, visits)):
             yield
 
     def __call__(self, *args, params=None, dropout_rng=None, train: bool = False, **kwargs):
         params = self.params if params is None else params
-        with self.intercept(train):
-            return self.model(*args, params=params, dropout_rng=dropout_rng, train=train, **kwargs)
+        visits = _Visits(self._heads(params) if kwargs.get("compute_logits") is False else ())
+        with self.intercept(train, _visits=visits):
+            out = self.model(*args, params=params, dropout_rng=dropout_rng, train=train, **kwargs)
+        if not visits.roots and tree_lib.adapted_modules(params):
+            raise RuntimeError(
+                f"{type(self.model).__name__} ran without calling a flax module under the GraLoRA interceptor, "
+                "so its adapters were ignored; the wrapped model must run its flax.linen module when called")
+        return out
+
+    @staticmethod
+    def _heads(params) -> list[str]:
+        """Adapted output heads (``lm_head``): not run when the model stops at the hidden state."""
+        return [m for m in tree_lib.adapted_modules(params) if m.rsplit("/", 1)[-1] == "lm_head"]
 
     def logits_fn(self, params, input_ids, attention_mask=None, *, dropout_rng=None, train: bool = False, **kw):
         """Pure ``params, inputs -> logits``: jit it, differentiate it."""
@@ -339,7 +450,12 @@ class GraLoRAModel:
         return self.split_params(p)[0]
 
     def save_pretrained(self, directory: Union[str, os.PathLike], params=None) -> None:
-        """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        """Write a PEFT adapter directory (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+        Refuses (``ValueError``, nothing written) when there is no adapter tensor or one is not
+        finite; otherwise writes the weights, then the config, each atomically
+        (:func:`gralora_jax.peft_io.save_adapter`).
+        """
         peft_io.save_adapter(directory, self.config, self.adapter_params(params), config_overrides=self._config_overrides())
 
     @classmethod
@@ -362,7 +478,10 @@ class GraLoRAModel:
         config, loaded = peft_io.load_adapter(directory, authors_convention=authors_convention)
         gm = get_gralora_model(model, config, params=params, rng=jax.random.PRNGKey(0), adapter_dtype=adapter_dtype,
                                block_layout=block_layout)
-        want = tree_lib.flatten(gm.adapter_params())
+        scanned = layout_lib.is_scanned(gm.params)
+        want_tree = gm.adapter_params()
+        # compare in the unrolled layout (the file's); a scanned model then stacks what it read
+        want = tree_lib.flatten(layout_lib.unstack_layer_params(want_tree) if scanned else want_tree)
         got = tree_lib.flatten(loaded)
         missing = sorted(set(want) - set(got))
         unexpected = sorted(set(got) - set(want))
@@ -377,6 +496,9 @@ class GraLoRAModel:
             raise ValueError(
                 f"adapter in {directory} does not fit the model (key, file shape, model shape): {bad[:10]}"
             )
+        if scanned:
+            got = tree_lib.flatten(layout_lib.stack_layer_params(tree_lib.unflatten(got)))
+            want = tree_lib.flatten(want_tree)
         flat = tree_lib.flatten(gm.params)
         for k, v in got.items():
             flat[k] = jnp.asarray(v, dtype=want[k].dtype if tree_lib.is_adapter_path(k) else flat[k].dtype)

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gralora_jax import tree as tree_lib
 from gralora_jax import fileio
 from gralora_jax.checkpoint import MIN_KEEP, Checkpointer, check_resume_guard
-from gralora_jax.distributed import global_batch_from_local, is_main_process
+from gralora_jax.distributed import global_batch_from_local, is_main_process, put_global
 from gralora_jax.losses import causal_lm_loss, check_chunk_size, chunked_causal_lm_loss
 from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
 from gralora_jax.sharding import batch_spec, named_shardings
@@ -169,8 +169,8 @@ def init_train_state(params, mask, optimizer, mesh: Mesh, param_specs, *, seed: 
     """
     state_specs, frozen_specs = train_state_specs(optimizer, params, mask, param_specs)
     trainable, frozen = tree_lib.split_trainable(params, mask)
-    trainable = jax.device_put(trainable, named_shardings(mesh, state_specs.params))
-    frozen = jax.device_put(frozen, named_shardings(mesh, frozen_specs))
+    trainable = put_global(trainable, named_shardings(mesh, state_specs.params))
+    frozen = put_global(frozen, named_shardings(mesh, frozen_specs))
 
     def init(trainable, frozen):
         full = tree_lib.combine(trainable, frozen)
@@ -179,11 +179,11 @@ def init_train_state(params, mask, optimizer, mesh: Mesh, param_specs, *, seed: 
     opt_state = jax.jit(init, out_shardings=named_shardings(mesh, state_specs.opt_state))(trainable, frozen)
     repl = NamedSharding(mesh, P())
     state = TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+        step=put_global(np.zeros((), np.int32), repl),
         params=trainable,
         opt_state=opt_state,
-        rng=jax.device_put(jax.random.PRNGKey(seed), repl),
-        bad_step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+        rng=put_global(jax.random.PRNGKey(seed), repl),
+        bad_step=put_global(np.zeros((), np.int32), repl),
     )
     return state, frozen
 
@@ -472,6 +472,14 @@ def _progress_bar(cfg: TrainConfig, start: int):
     return tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
+def _device_memory() -> dict:
+    """``{"peak_bytes": ...}``: the allocator's peak on this process's first device, where the
+    backend reports it (GPU, TPU; not CPU). A host-side query: no device sync."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"peak_bytes": float(peak)} if peak else {}
+
+
 def _interval_metrics(rows: list[Mapping[str, Any]], seconds: float) -> dict:
     """Host metrics for the steps since the last log: the mean over those steps of every metric,
     except ``lr`` (the last step's); ``tokens_per_s`` and ``step_time`` over the wall time."""
@@ -727,7 +735,7 @@ class Trainer:
                     if step % cfg.log_every == 0 or last or stop:
                         host = self._fetch(step, pending)
                         now = time.perf_counter()
-                        m = _interval_metrics(host, now - t_log)
+                        m = {**_interval_metrics(host, now - t_log), **_device_memory()}
                         pending, t_log = [], now
                         log.log(step, {**m, "time": time.time()})
                         if bar is not None:

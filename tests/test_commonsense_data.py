@@ -8,7 +8,8 @@ import pytest
 
 from experiments.commonsense import data as D
 from experiments.commonsense import embedded, synthetic
-from experiments.commonsense.cli import EMBEDDED, PAPER, ExperimentConfig, build_parser, config_from_args, mesh_size
+from experiments.commonsense.cli import parse
+from experiments.commonsense.config import EMBEDDED, PAPER, ExperimentConfig, UserError, make_config, mesh_devices
 from experiments.commonsense.evaluate import candidate_labels, extract_answer, format_table, summarize, TaskResult
 from experiments.commonsense.prompt import RESPONSE_MARKER, build_prompt, response_of
 from experiments.commonsense.tasks import TASK_LABELS, TASKS, parse_tasks
@@ -153,7 +154,7 @@ def test_load_train_json_and_jsonl(tmp_path):
     a = D.load_train_records(tmp_path / "train.json")
     b = D.load_train_records(tmp_path / "train.jsonl")
     assert a == b == [{k: r[k] for k in ("instruction", "input", "output", "answer")} for r in recs]
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="no such file"):
         D.load_train_records(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "x"}]))
     with pytest.raises(ValueError, match="lacks field"):
@@ -244,19 +245,19 @@ def test_synthetic_right_option_matches_the_kind():
 
 
 def test_presets_and_validation():
-    cfg = config_from_args(build_parser().parse_args(["--mesh", "4x2"]))
+    cfg = parse(["--mesh", "4x2"])
     assert cfg.embedded and cfg.r == EMBEDDED["r"] and cfg.mask_prompt and cfg.eval_before and cfg.mesh == "4x2"
-    cfg = config_from_args(build_parser().parse_args(["--model", "x", "--r", "8", "--tasks", "piqa"]))
-    assert (cfg.r, cfg.alpha, cfg.k, cfg.dropout, cfg.lr, cfg.batch_size, cfg.cutoff_len, cfg.optimizer) == (
-        8, PAPER["alpha"], 4, 0.05, 2e-4, 192, 256, "lion")
-    assert cfg.tasks == ("piqa",) and not cfg.mask_prompt and cfg.grad_accum == 192 // 16
-    with pytest.raises(ValueError, match="multiple"):
+    cfg = parse(["--model", "x", "--train-data", "t.json", "--eval-dir", "e", "--r", "8", "--tasks", "piqa"])
+    assert (cfg.r, cfg.alpha, cfg.k, cfg.dropout, cfg.lr, cfg.batch_size, cfg.cutoff_len, cfg.optimizer, cfg.dtype) == (
+        8, 128, 4, 0.05, 2e-4, 192, 256, "lion", "bfloat16")
+    assert PAPER["alpha"] == 128 and cfg.tasks == ("piqa",) and not cfg.mask_prompt
+    with pytest.raises(UserError, match="multiple"):
         ExperimentConfig(batch_size=10, micro_batch_size=4)
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(UserError, match="method"):
         ExperimentConfig(method="dora")
-    assert mesh_size("4x2") == 8 and mesh_size("2x2x2") == 8
-    with pytest.raises(ValueError):
-        mesh_size("4by2")
+    assert mesh_devices(make_config(mesh="4x2")) == 8 and mesh_devices(make_config(mesh="2x2x2")) == 8
+    with pytest.raises(UserError, match="--mesh"):
+        make_config(mesh="4by2")
 
 
 def test_iterator_process_rows_partition_the_global_batch():

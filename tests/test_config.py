@@ -86,3 +86,60 @@ def test_bad_adapter_config_files(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_adapter_config(tmp_path)
+
+
+_GOOD = {"peft_type": "GRALORA", "r": 8, "alpha": 16, "gralora_k": 2, "hybrid_r": 0, "target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (json.dumps([_GOOD]), "adapter config must be a JSON object, got a list"),
+        (json.dumps("GRALORA"), "adapter config must be a JSON object, got a string"),
+        (json.dumps({**_GOOD, "r": "8"}), "field 'r' must be an integer, got '8' \\(str\\)"),
+        (json.dumps({**_GOOD, "alpha": [1]}), "field 'alpha' must be a number, got \\[1\\] \\(list\\)"),
+        (json.dumps({**_GOOD, "gralora_k": True}), "field 'gralora_k' must be an integer"),
+        (json.dumps({**_GOOD, "target_modules": [1, 2]}), "field 'target_modules' must be a string, a list of strings"),
+        (json.dumps({**_GOOD, "fan_in_fan_out": "no"}), "field 'fan_in_fan_out' must be true or false"),
+        (json.dumps({**_GOOD, "r": 6, "gralora_k": 4}), "r should be divisible by gralora_k"),
+        (json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": "16", "use_rslora": False}), "field 'lora_alpha' must be a number"),
+    ],
+    ids=["list", "string", "r_str", "alpha_list", "k_bool", "targets_ints", "bool_str", "peft_check", "lora_alpha_str"],
+)
+def test_malformed_adapter_config_is_one_line_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "adapter_config.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=needle) as e:
+        load_adapter_config(tmp_path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "d,missing",
+    [
+        ({k: v for k, v in _GOOD.items() if k != "alpha"}, {"alpha"}),
+        ({"peft_type": "GRALORA", "target_modules": ["q_proj"]}, {"r", "alpha", "gralora_k", "hybrid_r"}),
+        ({"peft_type": "LORA", "r": 8}, {"lora_alpha", "use_rslora"}),
+    ],
+)
+def test_missing_output_fields_warn_one_line_each(tmp_path, d, missing):
+    import warnings
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = load_adapter_config(tmp_path)
+    msgs = [str(w.message) for w in caught if "assuming PEFT's default" in str(w.message)]
+    assert {m.split("has no '")[1].split("'")[0] for m in msgs} == missing
+    assert all("adapter_config.json" in m and "\n" not in m for m in msgs)
+    if "alpha" in missing:
+        assert c.alpha == 64 and "default 64" in next(m for m in msgs if "'alpha'" in m)
+
+
+def test_complete_config_does_not_warn(tmp_path):
+    import warnings
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(GraLoRAConfig(r=8, alpha=16).to_peft_dict()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter_config(tmp_path)

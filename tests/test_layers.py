@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.extend.core import jaxprs_in_params
 
 from gralora_jax import layers
 from gralora_jax.config import GraLoRAConfig
@@ -191,6 +192,134 @@ def test_dropout_expectation_matches_deterministic():
     keys = jax.random.split(jax.random.PRNGKey(5), 4000)
     ys = jax.vmap(lambda k: layers.adapter_output(x, a, 1.0, dropout_rate=0.3, dropout_rng=k))(keys)
     np.testing.assert_allclose(ys.mean(0), layers.adapter_output(x, a, 1.0), atol=0.05 * float(jnp.abs(ys).mean()) + 1e-3)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1, 0.25, 0.5, 0.9])
+def test_dropout_mask_keep_rate_and_independence(rate):
+    n = 400_000
+    m = np.asarray(layers.dropout_keep_masks(jax.random.PRNGKey(7), rate, (n // 100, 100), count=2))
+    assert m.shape == (2, n // 100, 100) and m.dtype == np.bool_
+    sd = math.sqrt(rate * (1 - rate) / n)
+    for c in range(2):
+        assert abs(m[c].mean() - (1 - rate)) < 5 * sd + layers.DROPOUT_RATE_TOL
+    # the two masks are independent: P(both kept) = (1 - rate)^2
+    assert abs((m[0] & m[1]).mean() - (1 - rate) ** 2) < 5 * sd + 1e-4
+    # and neither is striped along an axis (every column and row block keeps about 1 - rate)
+    cols = m[0].mean(0)
+    assert abs(cols.mean() - (1 - rate)) < 5 * sd and cols.std() < 5 * math.sqrt(rate * (1 - rate) / (n // 100))
+
+
+def test_dropout_mask_width_meets_the_rate_tolerance():
+    for rate in (0.05, 0.1, 1 / 3, 0.5, 0.25, 0.125, 0.01, 0.999):
+        dt = layers.dropout_mask_dtype(rate)
+        levels = 2 ** jnp.iinfo(dt).bits
+        assert abs(round(rate * levels) / levels - rate) <= layers.DROPOUT_RATE_TOL
+    assert layers.dropout_mask_dtype(0.5) == jnp.uint8 and layers.dropout_mask_dtype(0.05) == jnp.uint16
+
+
+def test_dropout_draws_no_elementwise_threefry():
+    """The masks' bits come from one rbg generator op; threefry only derives its 4-word seed
+    (an elementwise threefry hash over the activations is what made dropout slow to compile)."""
+    a = layers.init_gralora_adapter(jax.random.PRNGKey(0), 64, 32, 8, 2, 4, init_weights=False)
+    x = jnp.ones((4, 16, 64), jnp.bfloat16)
+    jaxpr = jax.make_jaxpr(lambda x, k: layers.adapter_output(x, a, 2.0, dropout_rate=0.1, dropout_rng=k))(
+        x, jax.random.PRNGKey(0))
+
+    def eqns(j):
+        for e in j.eqns:
+            yield e
+            for sub in jaxprs_in_params(e.params):
+                yield from eqns(sub)
+
+    bits = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "random_bits"]
+    big = [e for e in bits if math.prod(e.outvars[0].aval.shape) > 16]
+    assert [(str(e.invars[0].aval.dtype), e.outvars[0].aval.shape, e.outvars[0].aval.dtype) for e in big] == [
+        ("key<rbg>", (2, 4, 16, 64), jnp.uint16)]
+
+
+@pytest.mark.parametrize("hybrid_r", [0, 4])
+@pytest.mark.parametrize("block_layout", layers.BLOCK_LAYOUTS)
+def test_dropout_layer_equals_explicit_computation_with_the_same_masks(hybrid_r, block_layout):
+    """The layer with dropout, against numpy given the masks: PEFT's ``dropout(x)`` (zero, then
+    divide by 1 - p) before the block path and an independent ``dropout(x)`` before the hybrid
+    path; the base output never dropped. Forward and gradients."""
+    rate, k, r, in_f, out_f = 0.3, 2, 8, 32, 16
+    m = layers.GraLoRADense(features=out_f, r=r, alpha=16, gralora_k=k, hybrid_r=hybrid_r, gralora_dropout=rate,
+                            init_weights=False, block_layout=block_layout)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, in_f))
+    v = m.init(jax.random.PRNGKey(1), x)
+    rng = jax.random.PRNGKey(9)
+    y = m.apply(v, x, deterministic=False, rngs={"dropout": rng})
+    # the key the module draws its masks from: flax's make_rng("dropout") at the module's root
+    module_key = nn.apply(lambda mod: mod.make_rng("dropout"), m)({}, rngs={"dropout": rng})
+    keep = np.asarray(layers.dropout_keep_masks(module_key, rate, x.shape, 2 if hybrid_r else 1))
+    assert 0.6 < keep.mean() < 0.8
+    p = {n: np.asarray(t, np.float64) for n, t in v["params"].items()}
+    xn = np.asarray(x, np.float64)
+    drop = lambda c: xn * keep[c] / (1 - rate)
+    want = xn @ p["kernel"] + p["bias"] + (16 / (r + hybrid_r)) * (
+        _reference_blocks(drop(0), p["gralora_A"], p["gralora_B"])
+        + ((drop(1) @ p["gralora_A_general"] @ p["gralora_B_general"]) if hybrid_r else 0.0))
+    np.testing.assert_allclose(y, want, atol=1e-5, rtol=1e-5)
+    # gradients against the same function written with the masks as constants (plain jnp)
+    keep_j = jnp.asarray(keep)
+
+    def explicit(params, x):
+        xd = [x * keep_j[c] / (1 - rate) for c in range(keep_j.shape[0])]
+        A, B = params["gralora_A"], params["gralora_B"]
+        blocks = sum(
+            (xd[0][..., n * (in_f // k):(n + 1) * (in_f // k)] @ A[n][:, j * (r // k):(j + 1) * (r // k)]
+             @ B[j][n * (r // k):(n + 1) * (r // k), :]).reshape(*x.shape[:-1], 1, -1)
+            * (jnp.arange(k) == j)[:, None] for n in range(k) for j in range(k)).reshape(*x.shape[:-1], out_f)
+        if hybrid_r:
+            blocks = blocks + xd[1] @ params["gralora_A_general"] @ params["gralora_B_general"]
+        return x @ params["kernel"] + params["bias"] + (16 / (r + hybrid_r)) * blocks
+
+    g = jax.random.normal(jax.random.PRNGKey(3), y.shape)
+    got = jax.grad(lambda pp, xx: jnp.sum(m.apply({"params": pp}, xx, deterministic=False,
+                                                  rngs={"dropout": rng}) * g), argnums=(0, 1))(v["params"], x)
+    ref = jax.grad(lambda pp, xx: jnp.sum(explicit(pp, xx) * g), argnums=(0, 1))(v["params"], x)
+    for a_, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a_, b_, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_masks_differ_across_modules_and_steps(monkeypatch):
+    """Two adapted modules reading the same input get different masks; the same module gets a
+    new mask from a new step's rng; train=False draws none."""
+    seen = []
+    real = layers.dropout_keep_masks
+    monkeypatch.setattr(layers, "dropout_keep_masks", lambda *a, **kw: seen.append(np.asarray(real(*a, **kw))) or real(*a, **kw))
+
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x, deterministic):
+            d = lambda name: layers.GraLoRADense(8, r=4, alpha=8, gralora_k=2, gralora_dropout=0.5, name=name)
+            return d("q")(x, deterministic) + d("k")(x, deterministic)
+
+    x = jnp.ones((4, 6, 16))
+    v = Two().init(jax.random.PRNGKey(0), x, True)
+    assert not seen  # deterministic: no masks drawn
+    Two().apply(v, x, False, rngs={"dropout": jax.random.PRNGKey(1)})
+    Two().apply(v, x, False, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert len(seen) == 4
+    q1, k1, q2, _ = seen
+    for a_, b_ in ((q1, k1), (q1, q2)):
+        assert 0.4 < (a_ != b_).mean() < 0.6  # independent masks disagree on about half the elements
+    Two().apply(v, x, True)
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_peft_parity_in_eval_mode_with_dropout_configured(name):
+    """A layer configured with dropout is exactly PEFT's in eval mode (dropout is the identity)."""
+    case, z, adapter = _load(name)
+    m = layers.GraLoRADense(features=case["out_features"], use_bias=case["base_bias"], r=case["r"],
+                            alpha=case["alpha"], gralora_k=case["gralora_k"], hybrid_r=case["hybrid_r"],
+                            gralora_dropout=0.05)
+    v = _variables(case, z, adapter)
+    np.testing.assert_allclose(m.apply(v, jnp.asarray(z["x"])), z["y"], **TOL)
+    np.testing.assert_allclose(m.apply(v, jnp.asarray(z["x"]), deterministic=True,
+                                       rngs={"dropout": jax.random.PRNGKey(0)}), z["y"], **TOL)
 
 
 def test_bf16_base_fp32_adapters_under_jit():

@@ -207,3 +207,133 @@ def test_authors_convention_against_peft(golden, tmp_path):
                  attention_mask=torch.tensor(g["npz"]["attention_mask"])).logits.numpy()
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=ATOL)
     assert np.abs(ref - g["npz"]["logits_base"]).max() > 10 * ATOL
+
+
+# ----------------------------------------------------------------------------- adapter files: validate, then write atomically
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _one_line(excinfo):
+    return "\n" not in str(excinfo.value)
+
+
+def test_save_with_nothing_to_save_writes_nothing(golden, tmp_path):
+    """The base params (no adapter leaves): refused before the directory is touched, so an old
+    adapter there stays whole (config and weights of the same save)."""
+    g = golden
+    g["gm"].save_pretrained(tmp_path)
+    before = _files(tmp_path)
+    other = GraLoRAModel(g["model"], g["gm"].config.__class__(r=16, alpha=3, gralora_k=2), g["params"], g["gm"].layouts)
+    with pytest.raises(ValueError, match="no adapter tensors") as e:
+        other.save_pretrained(tmp_path, params=g["params"])
+    assert _one_line(e)
+    assert _files(tmp_path) == before
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="no adapter tensors"):
+        other.save_pretrained(fresh, params=g["params"])
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_save_refuses_non_finite_tensors(golden, tmp_path, bad):
+    g = golden
+    g["gm"].save_pretrained(tmp_path)
+    before = _files(tmp_path)
+    flat = tree_lib.flatten(g["gm"].params)
+    path = next(p for p in flat if p.endswith("gralora_B"))
+    flat[path] = np.asarray(flat[path]).copy()
+    flat[path].flat[3] = bad
+    with pytest.raises(ValueError, match=rf"refusing to save.*{peft_io.adapter_key(path)}.*1 non-finite") as e:
+        g["gm"].save_pretrained(tmp_path, params=tree_lib.unflatten(flat))
+    assert _one_line(e)
+    assert _files(tmp_path) == before
+
+
+def test_save_writes_tensors_then_config_each_atomically(golden, tmp_path, monkeypatch):
+    """Every file goes through a temporary name renamed over the target, weights first; an
+    interruption at the last step (the config's rename) leaves the old config and no temp files."""
+    from gralora_jax import fileio
+
+    g = golden
+    g["gm"].save_pretrained(tmp_path)
+    old_config = (tmp_path / peft_io.CONFIG_NAME).read_bytes()
+    renamed = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renamed.append(os.path.basename(dst))
+        assert os.path.basename(src).startswith(".tmp-") and os.path.dirname(src) == os.path.dirname(dst)
+        if os.path.basename(dst) == peft_io.CONFIG_NAME:
+            raise KeyboardInterrupt  # killed just before the config is committed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", replace)
+    cfg2 = g["gm"].config.__class__(**{**g["gm"].config.__dict__, "alpha": 1})
+    with pytest.raises(KeyboardInterrupt):
+        GraLoRAModel(g["model"], cfg2, g["gm"].params, g["gm"].layouts).save_pretrained(tmp_path)
+    assert renamed == [peft_io.WEIGHTS_NAME, peft_io.CONFIG_NAME]
+    assert (tmp_path / peft_io.CONFIG_NAME).read_bytes() == old_config
+    assert sorted(os.listdir(tmp_path)) == sorted([peft_io.CONFIG_NAME, peft_io.WEIGHTS_NAME])
+
+
+def test_interrupted_weights_write_keeps_old_file(golden, tmp_path, monkeypatch):
+    """A crash while the tensor bytes are written (the issue saw a 0-byte file after kill -9)."""
+    from gralora_jax import fileio
+
+    g = golden
+    g["gm"].save_pretrained(tmp_path)
+    before = _files(tmp_path)
+
+    def fail(fd):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", fail)
+    with pytest.raises(OSError, match="No space"):
+        g["gm"].save_pretrained(tmp_path)
+    assert _files(tmp_path) == before
+
+
+def _write_adapter_variant(g, tmp_path, edit):
+    d = _copy_adapter(g, tmp_path)
+    w = d / peft_io.WEIGHTS_NAME
+    sd = {k: np.array(v) for k, v in read_safetensors_file(w).items()}
+    key = sorted(k for k in sd if k.endswith("gralora_A"))[0]
+    edit(sd, key)
+    from gralora_jax.loading import write_safetensors
+
+    write_safetensors(sd, str(w))
+    return d, w, key
+
+
+def _set(sd, key, value):
+    sd[key] = sd[key].copy()
+    sd[key].flat[0] = value
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda sd, k: sd.__setitem__(k, sd[k].astype(np.int32)), "dtype int32.*floating point"),
+        (lambda sd, k: sd.__setitem__(k, sd[k] > 0), "dtype bool.*floating point"),
+        (lambda sd, k: _set(sd, k, np.nan), "1 non-finite"),
+        (lambda sd, k: _set(sd, k, np.inf), "1 non-finite"),
+        (lambda sd, k: sd.__setitem__(k + ".default", sd[k] * 2), "both name the adapter leaf"),
+    ],
+    ids=["int", "bool", "nan", "inf", "alias"],
+)
+def test_loader_refuses_bad_tensors(golden, tmp_path, edit, needle):
+    d, w, key = _write_adapter_variant(golden, tmp_path, edit)
+    with pytest.raises(ValueError, match=needle) as e:
+        GraLoRAModel.from_pretrained(golden["model"], str(d), params=golden["params"])
+    assert str(e.value).startswith(str(w)) and repr(key) in str(e.value) and _one_line(e)
+
+
+@pytest.mark.parametrize("field,default", [("alpha", 64), ("hybrid_r", 0), ("gralora_k", 2)])
+def test_loader_warns_when_an_output_field_is_missing(golden, tmp_path, field, default):
+    d = _copy_adapter(golden, tmp_path, lambda c: c.pop(field))
+    with pytest.warns(UserWarning, match=rf"{peft_io.CONFIG_NAME} has no '{field}'; assuming PEFT's default {default}"):
+        gm = GraLoRAModel.from_pretrained(golden["model"], str(d), params=golden["params"])
+    assert getattr(gm.config, field) == default

@@ -6,6 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 import transformers as tf
+from flax import linen as nn
 
 from gralora_jax import GraLoRAConfig, LoRAConfig, layers
 from gralora_jax import tree as tree_lib
@@ -168,3 +169,52 @@ def test_block_layouts_give_the_same_model(llama):
     assert float(jnp.abs(fast.logits_fn(fast.params, IDS) - base).max()) > 1e-3
     with pytest.raises(ValueError, match="block_layout must be one of"):
         get_gralora_model(llama, cfg, block_layout="transposed")
+
+
+class _Toy(nn.Module):
+    """Two Dense layers; with ``bypass`` the second one's kernel is used directly, not through its __call__."""
+
+    @nn.compact
+    def __call__(self, x, bypass=False):
+        h = nn.Dense(8, name="l0")(x)
+        if bypass:
+            return h @ self.variables["params"]["l1"]["kernel"]
+        return nn.Dense(8, name="l1")(h)
+
+
+class _ToyModel:
+    """The transformers calling convention around ``_Toy`` (``jax_only``: a forward with no flax module)."""
+
+    def __init__(self, jax_only=False):
+        self.module = _Toy()
+        self.params = self.module.init(jax.random.PRNGKey(0), jnp.ones((1, 8)))["params"]
+        self.jax_only = jax_only
+
+    def __call__(self, x, params=None, dropout_rng=None, train=False, bypass=False):
+        if self.jax_only:
+            return (x @ params["l0"]["kernel"]) @ params["l1"]["kernel"]
+        return self.module.apply({"params": params}, x, bypass=bypass)
+
+
+def test_noop_guard_raises_when_an_adapted_module_is_bypassed():
+    cfg = GraLoRAConfig(r=4, gralora_k=2, init_weights=False, target_modules=["l0", "l1"])
+    gm = get_gralora_model(_ToyModel(), cfg)
+    x = jnp.ones((2, 8))
+    base = gm.model.module.apply({"params": gm.model.params}, x)
+    assert float(jnp.abs(gm(x) - base).max()) > 1e-3  # the normal path applies both adapters
+    with pytest.raises(RuntimeError, match=r"1 adapted module\(s\) were not called through the GraLoRA interceptor.*\['l1'\]"):
+        gm(x, bypass=True)
+    with pytest.raises(RuntimeError, match=r"\['l1'\]"):  # also when traced under jit / grad
+        jax.jit(jax.grad(lambda p: jnp.sum(gm(x, params=p, bypass=True))))(gm.params)
+    with pytest.raises(RuntimeError, match="ran without calling a flax module"):
+        get_gralora_model(_ToyModel(jax_only=True), cfg)(x)
+
+
+def test_noop_guard_inside_intercept_context():
+    """The guard also covers direct use of ``intercept()`` (as generation does)."""
+    cfg = GraLoRAConfig(r=4, gralora_k=2, init_weights=False, target_modules=["l0", "l1"])
+    gm = get_gralora_model(_ToyModel(), cfg)
+    with gm.intercept():
+        gm.model.module.apply({"params": gm.params}, jnp.ones((1, 8)))  # fine
+        with pytest.raises(RuntimeError, match=r"\['l1'\]"):
+            gm.model.module.apply({"params": gm.params}, jnp.ones((1, 8)), bypass=True)

@@ -10,9 +10,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tpu_setup import accelerators as A
@@ -113,12 +115,34 @@ def test_mesh_suggestion_sized_by_model():
     assert A.suggest_mesh("v5litepod-16", params_billion=7) == "8x2"
     # v4 has 32 GiB per chip: 7B fits unsplit.
     assert A.suggest_mesh("v4-32", params_billion=7) == "16x1"
-    # 70B = 130 GiB: 16 GiB-per-chip v5e needs a 32-way model axis over 64 chips.
-    assert A.suggest_mesh("v5litepod-64", params_billion=70) == "2x32"
+    # 70B = 130 GiB of bf16 weights + ~10 GiB of adapter state: no model axis within a 4-chip
+    # v5e host fits it, so the weights are sharded FSDP-style over 32 of the 64 chips.
+    assert A.suggest_meshes("v5litepod-64", params_billion=70) == ["2x32x1", "1x64x1"]
+    assert A.suggest_meshes("v4-32", params_billion=70) == ["1x16x1"]
     with pytest.raises(ValueError, match="does not fit"):
         A.suggest_mesh("v5litepod-4", params_billion=70)
     with pytest.raises(ValueError, match="positive"):
         A.suggest_mesh("v4-8", params_billion=0)
+
+
+@pytest.mark.parametrize("params_billion", [0.5, 7, 13, 34, 70, 405])
+def test_mesh_model_axis_never_spans_hosts(params_billion):
+    """Across every slice shape and model size: devices multiply out, the model axis fits one
+    host, and every suggestion leaves half of HBM free (recomputed here from the sizes)."""
+    for kind, _, hosts, devices in SHAPES:
+        spec = A.parse_accelerator(kind)
+        try:
+            meshes = A.suggest_meshes(kind, params_billion=params_billion)
+        except ValueError as e:
+            assert "does not fit" in str(e)
+            continue
+        need_gib = params_billion * 1e9 * (2 + 0.01 * 16) / 2**30
+        for mesh in meshes:
+            sizes = [int(s) for s in mesh.split("x")]
+            assert np.prod(sizes) == devices and sizes[-1] <= devices // hosts, (kind, mesh)
+            sharded_over = sizes[-1] * (sizes[1] if len(sizes) == 3 else 1)
+            assert need_gib / sharded_over <= spec.hbm_gib_per_device / 2, (kind, mesh)
+    assert A.suggest_meshes("v4-128", params_billion=405) == ["1x64x1"]  # FSDP when nothing else fits
 
 
 # ----------------------------------------------------------------------------- argv of every action
@@ -204,7 +228,7 @@ def test_setup_from_git():
                           venv="/opt/venv", jax_spec="jax[tpu]==0.10.2")
     [cmd] = C.setup_commands(TARGET, opts)
     _, script = _ssh_script(cmd)
-    assert "git clone --depth 1 --branch dev https://github.com/me/gralora-jax.git \"$HOME\"/gralora-jax" in script
+    assert "git clone --depth 1 --branch dev -- https://github.com/me/gralora-jax.git \"$HOME\"/gralora-jax" in script
     assert "constraints.txt" not in script
     assert "uv pip install --python /opt/venv/bin/python" in script and "'jax[tpu]==0.10.2'" in script
     _bash_syntax_ok(script)
@@ -227,14 +251,17 @@ TRAIN = "python -m experiments.commonsense --mesh 16x1 --output-dir gs://bucket/
 
 
 def test_launch_runs_same_command_everywhere_in_background():
-    [cmd] = C.launch_commands(TARGET, C.LaunchOptions(TRAIN, env=(("HF_TOKEN", "a b"),)))
+    copy, cmd = C.launch_commands(TARGET, C.LaunchOptions(TRAIN, env=(("HF_TOKEN", "a b"),)), env_file="/tmp/e")
+    assert copy == [*TPU_VM, "scp", "/tmp/e", "my-tpu:.gralora-env-train", "--zone=us-central2-b", "--worker=all"]
     worker, script = _ssh_script(cmd)
     assert worker == "all"  # one ssh, every worker, concurrently: same command on each
     assert script.count(shlex.quote(TRAIN)) == 1
     assert "setsid nohup bash -c" in script and "< /dev/null &" in script
     assert '> "$HOME"/gralora-logs/train.log 2>&1' in script  # a log on each worker
     assert "PYTHONUNBUFFERED=1" in script and "JAX_PLATFORMS=tpu,cpu" in script
-    assert "HF_TOKEN='a b'" in script
+    assert "HF_TOKEN" not in script and "a b" not in script  # --env values travel in the file
+    assert script.index('. "$HOME"/.gralora-env-train') < script.index('rm -f "$HOME"/.gralora-env-train') < \
+        script.index("setsid")
     assert ". \"$HOME\"/gralora-venv/bin/activate" in script and "cd \"$HOME\"/gralora-jax" in script
     for name in remote.FORBIDDEN_ENV:
         assert name not in script
@@ -322,7 +349,8 @@ def run_cli(*argv):
 
 
 def _printed(out):
-    return [shlex.split(line) for line in out.strip().splitlines()]
+    """The printed commands (comment lines, e.g. the masked --env note, left out)."""
+    return [shlex.split(line) for line in out.strip().splitlines() if not line.startswith("#")]
 
 
 @pytest.mark.parametrize(
@@ -391,7 +419,8 @@ def test_cli_defaults_from_environment(clean_env):
         (["launch", "--name", "t", "--zone", "z", "--accelerator-type", "v4-32", "--", "python", "-m", "x",
           "--mesh", "4x1"], "16 JAX devices"),
         (["launch", "--name", "t", "--zone", "z", "--env", "NOEQUALS", "--", "ls"], "KEY=VALUE"),
-        (["logs", "--name", "t", "--zone", "z"], "--workers N or --accelerator-type"),
+        (["launch", "--name", "t", "--zone", "z", "--accelerator-type", "v4-32", "--", "python", "-m", "x",
+          "--mesh", "2x8"], "wider than one host"),
         (["ssh", "--name", "t", "--zone", "z", "--worker", "all"], "interactive"),
     ],
 )
@@ -466,6 +495,9 @@ if args[:4] == ["compute", "tpus", "tpu-vm", "scp"]:
     for i in workers:
         where = lambda p: os.path.join(home(i), p.split(":", 1)[1]) if ":" in p else p
         for src in srcs:
+            if ":" not in src:  # a local file sent to the workers: note its permissions
+                with open(os.path.join(root, "sent-modes.txt"), "a") as f:
+                    f.write(os.path.basename(src) + " " + oct(os.stat(src).st_mode & 0o777) + "\n")
             shutil.copy(where(src), where(dest))
     sys.exit(0)
 sys.exit("fake gcloud: unsupported " + " ".join(args))
@@ -480,6 +512,24 @@ if [ "$1" = venv ]; then
   echo 'export VIRTUAL_ENV_MARK=1' > "$v/bin/activate"
 fi
 '''
+
+
+FAKE_PYTHON3 = r'''#!/bin/bash
+# Stands in for the worker's system python3: records pip installs (the pinned uv), runs the rest.
+if [ "$1" = -m ] && [ "$2" = pip ]; then echo "$@" >> "$HOME/pip-calls.txt"; exit 0; fi
+exec PYTHON "$@"
+'''
+
+# `setup` ends by importing jax and listing its devices with the venv's python: a stub keeps it
+# fast; FAKE_JAX_PLATFORM says what kind of devices it reports.
+FAKE_JAX = """import os, types
+__version__ = 'stub'
+def devices():
+    kind = os.environ.get('FAKE_JAX_PLATFORM', 'tpu')
+    return [types.SimpleNamespace(platform=kind, device_kind='TPU v4' if kind == 'tpu' else kind, id=i) for i in range(4)]
+def local_device_count():
+    return 4
+"""
 
 
 def _alive(pid: int) -> bool:
@@ -510,8 +560,10 @@ def fake_tpu(tmp_path, clean_env):
     gcloud.write_text(FAKE_GCLOUD.replace("PYTHON", sys.executable))
     uv = bindir / "uv"
     uv.write_text(FAKE_UV.replace("PYTHON", sys.executable))
-    gcloud.chmod(0o755)
-    uv.chmod(0o755)
+    python3 = bindir / "python3"
+    python3.write_text(FAKE_PYTHON3.replace("PYTHON", sys.executable))
+    for exe in (gcloud, uv, python3):
+        exe.chmod(0o755)
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "pyproject.toml").write_text("[project]\nname = 'x'\n")
@@ -524,10 +576,9 @@ def fake_tpu(tmp_path, clean_env):
     clean_env.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     clean_env.setenv("FAKE_TPU_ROOT", str(root))
     clean_env.setenv("FAKE_TPU_WORKERS", "2")
-    # `setup` ends by importing jax and gralora_jax with the venv's python: stubs keep it fast.
     stubs = tmp_path / "stubs"
     (stubs / "gralora_jax").mkdir(parents=True)
-    (stubs / "jax.py").write_text("__version__ = 'stub'\n")
+    (stubs / "jax.py").write_text(FAKE_JAX)
     (stubs / "gralora_jax" / "__init__.py").write_text("")
     clean_env.setenv("PYTHONPATH", str(stubs))
     clean_env.setenv("TPU_NAME", "fake-tpu")
@@ -624,3 +675,157 @@ def test_cli_logs_counts_workers_with_describe(clean_env, monkeypatch):
     target = C.Target("t", "z")
     assert calls == [C.workers_query_command(target), *C.logs_commands(target, 4, "L")]
     assert calls[0][-1] == "--format=value(acceleratorType)"
+
+
+# ----------------------------------------------------------------------------- setup checks, secrets, quoting
+
+
+def test_setup_installs_pinned_uv_and_checks_tpu_devices(fake_tpu, capfd):
+    root, repo, tmp = fake_tpu
+    assert run_cli("sync", "--repo", str(repo), "--archive", str(tmp / "code.tar.gz"))[0] == 0
+    capfd.readouterr()
+    code, _, err = run_cli("setup")
+    out = capfd.readouterr().out
+    assert code == 0, err
+    assert out.count("setup ok on") == 2 and "devices 4 local 4 TPU v4" in out
+    for w in ("worker-0", "worker-1"):
+        pip = (root / w / "pip-calls.txt").read_text().splitlines()
+        assert pip[0] == f"-m pip install --user --quiet uv=={remote.UV_VERSION}"  # pinned, from PyPI
+    assert "curl" not in C.format_commands(C.setup_commands(TARGET, C.SetupOptions()))
+    # a worker where jax falls back to CPU fails setup, naming the problem
+    clean_env = pytest.MonkeyPatch()
+    clean_env.setenv("FAKE_JAX_PLATFORM", "cpu")
+    try:
+        code, _, err = run_cli("setup")
+        assert code != 0 and "sees no TPU devices" in capfd.readouterr().err
+        code, _, err = run_cli("setup", "--no-device-check")
+        assert code == 0, err
+    finally:
+        clean_env.undo()
+
+
+SECRET = "hf_s3cr3t'$(touch $HOME/PWNED)\""
+
+
+def test_launch_env_values_are_masked_and_sent_in_a_private_file(fake_tpu, capfd, monkeypatch):
+    root, repo, tmp = fake_tpu
+    local_tmp = tmp / "local-tmp"
+    local_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(local_tmp))
+    code, out, _ = run_cli("--dry-run", "launch", "--env", f"HF_TOKEN={SECRET}", "--", "true")
+    assert code == 0 and "HF_TOKEN=***" in out and "s3cr3t" not in out
+    assert run_cli("sync", "--repo", str(repo), "--archive", str(tmp / "code.tar.gz"))[0] == 0
+    capfd.readouterr()
+    probe = "import os; print('token', repr(os.environ['HF_TOKEN']))"
+    code, _, err = run_cli("launch", "--no-venv", "--env", f"HF_TOKEN={SECRET}", "--run-name", "sec", "--",
+                           sys.executable, "-c", probe)
+    captured = capfd.readouterr()
+    assert code == 0, err
+    assert "HF_TOKEN=***" in err and "s3cr3t" not in err + captured.out + captured.err
+    logs = [root / w / "gralora-logs" / "sec.log" for w in ("worker-0", "worker-1")]
+    assert _wait_for(lambda: all(p.exists() and "token" in p.read_text() for p in logs))
+    for log in logs:
+        assert f"token {SECRET!r}" in log.read_text()  # the value arrived intact
+    calls = (root / "calls.jsonl").read_text()
+    assert "s3cr3t" not in calls  # never on a gcloud command line
+    sent = [line.split() for line in (root / "sent-modes.txt").read_text().splitlines()]
+    assert {mode for name, mode in sent if name == "env"} == {"0o600"}
+    assert not list(root.rglob(".gralora-env-*"))  # read, then deleted on the workers
+    assert not list(local_tmp.iterdir())  # and the local copy is gone
+    assert not _pwned(tmp)
+
+
+def test_logs_dry_run_without_a_worker_count(clean_env):
+    code, out, err = run_cli("--dry-run", "logs", "--name", "t", "--zone", "z", "--run-name", "r")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert shlex.split(lines[0]) == C.workers_query_command(C.Target("t", "z"))
+    assert lines[1].startswith("#")
+    assert shlex.split(lines[2]) == [*TPU_VM, "scp", "t:gralora-logs/r.log", os.path.join("tpu-logs", "t", "r-worker-{i}.log"),
+                                     "--zone=z", "--worker={i}"]
+
+
+def test_create_internal_ips():
+    for queued in (False, True):
+        [cmd] = C.create_commands(TARGET, C.CreateOptions("v4-8", queued=queued, internal_ips=True))
+        assert "--internal-ips" in cmd
+    code, out, _ = run_cli("--dry-run", "create", "--name", "t", "--zone", "z", "--accelerator-type", "v4-8",
+                           "--internal-ips")
+    assert code == 0 and "--internal-ips" in _printed(out)[0]
+
+
+PAYLOADS = [
+    "x; touch $HOME/PWNED; echo",
+    "$(touch $HOME/PWNED)",
+    "`touch $HOME/PWNED`",
+    "x' ; touch $HOME/PWNED ; '",
+    'x" ; touch $HOME/PWNED ; "',
+    "x\ntouch $HOME/PWNED",
+    "--upload-pack=touch $HOME/PWNED",
+]
+
+
+def _flag_cases(repo, tmp):
+    """(action argv with a {P} slot) for every flag whose value can reach a shell or a gcloud argv."""
+    return [
+        ["setup", "--remote-dir", "{P}"],
+        ["setup", "--venv", "{P}", "--no-device-check"],
+        ["setup", "--git-url", "{P}"],
+        ["setup", "--git-url", str(repo), "--branch", "{P}"],
+        ["setup", "--python", "{P}"],
+        ["setup", "--jax-spec", "{P}"],
+        ["setup", "--extra", "{P}"],
+        ["sync", "--repo", str(repo), "--remote-dir", "{P}"],
+        ["sync", "--repo", str(repo), "--archive", str(tmp / "arch") + "{P}"],
+        ["launch", "--run-name", "{P}", "--", "true"],
+        ["launch", "--log-dir", "{P}", "--", "true"],
+        ["launch", "--remote-dir", "{P}", "--", "true"],
+        ["launch", "--venv", "{P}", "--", "true"],
+        ["launch", "--env", "K={P}", "--no-venv", "--", "true"],
+        ["launch", "--jax-platforms", "{P}", "--no-venv", "--", "true"],
+        ["launch", "--worker", "{P}", "--", "true"],
+        ["stop", "--run-name", "{P}"],
+        ["stop", "--log-dir", "{P}"],
+        ["logs", "--workers", "1", "--run-name", "{P}", "--local-dir", str(tmp / "fetched")],
+        ["logs", "--workers", "1", "--log-dir", "{P}", "--local-dir", str(tmp / "fetched")],
+        ["ssh", "--worker", "{P}", "--command", "true"],
+        ["create", "--accelerator-type", "v4-8", "--description", "{P}"],
+        ["create", "--accelerator-type", "v4-8", "--network", "{P}"],
+        ["status", "--project", "{P}"],
+    ]
+
+
+def _pwned(tmp):
+    """Files an injected `touch $HOME/PWNED` made (directories named PWNED are literal paths)."""
+    return [p for p in tmp.rglob("PWNED") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_shell_metacharacters_in_every_flag_never_run(fake_tpu, monkeypatch):
+    """Every flag gets each payload: the generated remote scripts parse (bash -n), and run for
+    real on the fake workers (or are refused with one line), no injected `touch` ever runs."""
+    root, repo, tmp = fake_tpu
+    home = tmp / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    assert run_cli("sync", "--repo", str(repo), "--archive", str(tmp / "code.tar.gz"))[0] == 0
+    ran = refused = 0
+    for case in _flag_cases(repo, tmp):
+        for payload in PAYLOADS:
+            argv = [a.replace("{P}", payload) for a in case]
+            try:
+                args = cli.build_parser().parse_args(argv)
+                commands = cli.plan(args)
+            except cli.CliError as e:
+                assert "\n" not in str(e), (argv, str(e))
+                refused += 1
+                continue
+            for cmd in commands:
+                if cmd[:5] == [*TPU_VM, "ssh"] and "--command" in cmd:
+                    _bash_syntax_ok(cmd[cmd.index("--command") + 1])
+            code, _, err = run_cli(*argv)
+            ran += 1
+            assert not _pwned(tmp), (argv, err)
+    time.sleep(0.5)  # anything launched in the background has run by now
+    assert not _pwned(tmp)
+    assert ran and refused  # both paths were exercised

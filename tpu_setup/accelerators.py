@@ -9,7 +9,9 @@ JAX sees one device per chip on v4 and v5p (the two cores act as one "megacore")
 v5e/v6e, but one device per TensorCore on v2 and v3. A ``--mesh DxM`` for our training
 CLI must multiply to the number of JAX devices of the whole slice (all hosts together):
 ``D`` is the data-parallel axis (each replica sees a different part of the batch) and
-``M`` the model axis (each weight matrix is split over ``M`` devices).
+``M`` the model axis (each weight matrix is split over ``M`` devices). A 3-axis
+``--mesh DxFxM`` adds an FSDP axis ``F``: the weights are sharded over it like a model
+axis, but it also splits the batch (for models too large to replicate).
 
 >>> spec = parse_accelerator("v4-32")
 >>> (spec.chips, spec.hosts, spec.devices)
@@ -148,40 +150,70 @@ def _powers_of_two_dividing(n: int, limit: int) -> list[int]:
     return out
 
 
+# Memory model for sizing a mesh from the base model's size: the frozen base in bf16 (2 bytes
+# per parameter) plus trainable adapters of at most ADAPTER_FRACTION of the base's parameters,
+# each held in float32 with a gradient and Adam's two moments (16 bytes). Half of each
+# device's HBM is kept free for activations and XLA's temporaries.
+BASE_BYTES_PER_PARAM = 2
+ADAPTER_FRACTION = 0.01
+ADAPTER_BYTES_PER_PARAM = 16
+HBM_FRACTION_FOR_WEIGHTS = 0.5
+
+
+def training_state_gib(params_billion: float) -> float:
+    """Estimated GiB of weights + adapter training state for a base of ``params_billion``.
+
+    >>> round(training_state_gib(7), 1)
+    14.1
+    """
+    if params_billion <= 0:
+        raise ValueError(f"params_billion must be positive, got {params_billion}")
+    n = params_billion * 1e9
+    return (n * BASE_BYTES_PER_PARAM + n * ADAPTER_FRACTION * ADAPTER_BYTES_PER_PARAM) / 2**30
+
+
 def suggest_meshes(accelerator_type: str, params_billion: float | None = None) -> list[str]:
-    """Good ``--mesh DATAxMODEL`` strings for a slice, best first.
+    """Good ``--mesh`` strings for a slice, best first: ``DxM`` (data x model) or, for models
+    that do not fit with a model axis inside one host, ``DxFx1`` (data x fsdp x model).
+
+    The model axis never spans hosts (our per-process batch slicing needs every host to hold
+    whole model-axis groups, and splitting a weight across hosts is rarely worth it).
 
     Without a model size: pure data parallelism (``Nx1``) first -- adapters are tiny and the
-    frozen base is replicated -- then model axes 2, 4, ... up to the devices of one host
-    (splitting a weight across hosts is rarely worth it).
+    frozen base is replicated -- then model axes 2, 4, ... up to the devices of one host.
 
-    With ``params_billion`` (base model size): the model axis is the smallest power of two
-    whose share of the bf16 weights (2 bytes per parameter) fills at most half of one
-    device's HBM, leaving the rest for activations, adapters and optimizer state; larger
-    model axes follow as alternatives.
+    With ``params_billion``: the estimate of :func:`training_state_gib`, split over the
+    model axis (and the fsdp axis), must fill at most half of one device's HBM. The
+    smallest model axis within a host that fits comes first, larger ones follow; when no
+    model axis within a host fits, FSDP meshes (weights sharded over ``F`` devices, batch
+    over ``D x F``) are suggested, the two smallest ``F`` that fit; they are also listed as
+    alternatives when the model fits only with a model axis.
 
     >>> suggest_meshes("v4-8")
     ['4x1', '2x2', '1x4']
     >>> suggest_meshes("v5litepod-16", params_billion=7)
-    ['8x2', '4x4']
+    ['8x2', '4x4', '8x2x1', '4x4x1']
+    >>> suggest_meshes("v4-32", params_billion=70)
+    ['1x16x1']
     """
     spec = parse_accelerator(accelerator_type)
-    models = _powers_of_two_dividing(spec.devices, spec.devices_per_host)
-    if params_billion is not None:
-        if params_billion <= 0:
-            raise ValueError(f"params_billion must be positive, got {params_billion}")
-        weight_gib = params_billion * 1e9 * 2 / 2**30
-        budget = spec.hbm_gib_per_device / 2
-        models = [m for m in _powers_of_two_dividing(spec.devices, spec.devices) if weight_gib / m <= budget]
-        if not models:
-            raise ValueError(
-                f"a {params_billion:g}B-parameter model (~{weight_gib:.0f} GiB in bf16) does not fit "
-                f"{spec.accelerator_type} ({spec.devices} devices x {spec.hbm_gib_per_device:g} GiB) "
-                f"with half of HBM kept free; pick a larger slice"
-            )
-        first = models[0]
-        models = [m for m in models if m <= max(first, spec.devices_per_host)]
-    return [f"{spec.devices // m}x{m}" for m in models]
+    in_host = _powers_of_two_dividing(spec.devices, spec.devices_per_host)
+    if params_billion is None:
+        return [f"{spec.devices // m}x{m}" for m in in_host]
+    need = training_state_gib(params_billion)
+    budget = spec.hbm_gib_per_device * HBM_FRACTION_FOR_WEIGHTS
+    model_axes = [m for m in in_host if need / m <= budget]
+    fsdp_axes = [f for f in _powers_of_two_dividing(spec.devices, spec.devices) if f > 1 and need / f <= budget]
+    meshes = [f"{spec.devices // m}x{m}" for m in model_axes]
+    if not model_axes or model_axes[0] > 1:  # does not fit replicated: FSDP is an option
+        meshes += [f"{spec.devices // f}x{f}x1" for f in fsdp_axes[:2]]
+    if not meshes:
+        raise ValueError(
+            f"a {params_billion:g}B-parameter model (~{need:.0f} GiB of bf16 weights and adapter state) does "
+            f"not fit {spec.accelerator_type} ({spec.devices} devices x {spec.hbm_gib_per_device:g} GiB) with "
+            f"half of HBM kept free, even fully sharded; pick a larger slice"
+        )
+    return meshes
 
 
 def suggest_mesh(accelerator_type: str, params_billion: float | None = None) -> str:
@@ -191,6 +223,10 @@ def suggest_mesh(accelerator_type: str, params_billion: float | None = None) -> 
     '16x1'
     """
     return suggest_meshes(accelerator_type, params_billion)[0]
+
+
+def _axes(mesh: str) -> str:
+    return "data x fsdp x model" if mesh.count("x") == 2 else "data x model"
 
 
 def describe(accelerator_type: str, params_billion: float | None = None) -> str:
@@ -205,7 +241,7 @@ def describe(accelerator_type: str, params_billion: float | None = None) -> str:
         f"JAX devices        {spec.devices} ({spec.devices_per_host} per host, "
         f"{spec.hbm_gib_per_device:g} GiB HBM each)",
         f"runtime version    {spec.default_version}",
-        f"suggested --mesh   {meshes[0]}   (data x model)",
+        f"suggested --mesh   {meshes[0]}   ({_axes(meshes[0])})",
     ]
     if len(meshes) > 1:
         lines.append(f"alternatives       {', '.join(meshes[1:])}")

@@ -28,15 +28,18 @@ Example (prints the commands instead of running them)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Callable, Sequence, TextIO
 
 from tpu_setup import commands as C
+from tpu_setup import remote
 from tpu_setup.accelerators import describe, parse_accelerator
 
 ENV_NAME = "TPU_NAME"
@@ -96,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", help="free-text description")
     p.add_argument("--service-account", help="service account for the workers (default: Compute Engine default)")
     p.add_argument("--scopes", help="OAuth scopes for it, comma-separated, e.g. cloud-platform")
+    p.add_argument("--internal-ips", action="store_true",
+                   help="no external IPs on the workers (then use --internal-ip from inside the VPC)")
 
     p = sub.add_parser("setup", parents=[target], help="install jax[tpu] and this project on every worker")
     p.add_argument("--git-url", help="clone the code from this URL (default: use the code `sync` copied)")
@@ -106,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jax-spec", default="jax[tpu]", help="jax requirement (default: %(default)s)")
     p.add_argument("--no-constraints", action="store_true", help="don't pin versions with the repo's constraints.txt")
     p.add_argument("--extra", action="append", default=[], metavar="REQ", help="another requirement (repeatable)")
+    p.add_argument("--no-device-check", action="store_true",
+                   help="skip the final check that jax sees TPU devices on every worker")
 
     p = sub.add_parser("sync", parents=[target], help="copy the repository (a git archive) to every worker")
     p.add_argument("--repo", default=".", help="local git repository (default: current directory)")
@@ -122,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "logging to LOG_DIR/RUN_NAME.log on each worker. Give the command after `--`, "
         "or as one quoted string.",
     )
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment (repeatable); values are sent in a file (mode 600), never printed")
     p.add_argument("--run-name", default=C.RUN_NAME, help="names the log/pid files (default: %(default)s)")
     p.add_argument("--remote-dir", default=C.REMOTE_DIR, help="working directory on each worker (default: %(default)s)")
     p.add_argument("--venv", default=C.REMOTE_VENV, help="virtualenv to activate (default: %(default)s)")
@@ -224,17 +232,24 @@ def check_mesh(command: str, accelerator_type: str) -> None:
             f"--mesh {match.group(1)} has {total} devices but {spec.accelerator_type} has {spec.devices} "
             f"JAX devices over {spec.hosts} host(s); try `python -m tpu_setup mesh {spec.accelerator_type}`"
         )
+    if len(sizes) > 1 and sizes[-1] > spec.devices_per_host:
+        raise CliError(
+            f"--mesh {match.group(1)}: the model axis ({sizes[-1]}) is wider than one host's {spec.devices_per_host} "
+            f"devices; use an FSDP mesh (DxFx1) instead, see `python -m tpu_setup mesh {spec.accelerator_type} "
+            "--params-billion N`"
+        )
 
 
-def plan(args: argparse.Namespace) -> list[list[str]]:
-    """The commands an action will run (everything but running them)."""
+def plan(args: argparse.Namespace, env_file: str = C.ENV_FILE_PLACEHOLDER) -> list[list[str]]:
+    """The commands an action will run (everything but running them); ``env_file`` is the
+    local file holding ``launch --env`` values (a placeholder when only printing)."""
     try:
-        return _plan(args)
+        return _plan(args, env_file)
     except ValueError as e:
         raise CliError(f"{args.action}: {e}") from None
 
 
-def _plan(args: argparse.Namespace) -> list[list[str]]:
+def _plan(args: argparse.Namespace, env_file: str = C.ENV_FILE_PLACEHOLDER) -> list[list[str]]:
     action = args.action
     if action == "create":
         opts = C.CreateOptions(
@@ -249,6 +264,7 @@ def _plan(args: argparse.Namespace) -> list[list[str]]:
             description=args.description,
             service_account=args.service_account,
             scopes=args.scopes,
+            internal_ips=args.internal_ips,
         )
         return C.create_commands(_target(args, queued=args.queued), opts)
     if action == "setup":
@@ -261,6 +277,7 @@ def _plan(args: argparse.Namespace) -> list[list[str]]:
             jax_spec=args.jax_spec,
             use_constraints=not args.no_constraints,
             extra_packages=tuple(args.extra),
+            check_devices=not args.no_device_check,
         )
         return C.setup_commands(_target(args), opts)
     if action == "sync":
@@ -281,7 +298,7 @@ def _plan(args: argparse.Namespace) -> list[list[str]]:
             jax_platforms=args.jax_platforms or None,
             worker=args.worker,
         )
-        return C.launch_commands(_target(args), opts)
+        return C.launch_commands(_target(args), opts, env_file)
     if action == "stop":
         return C.stop_commands(_target(args), run_name=args.run_name, log_dir=args.log_dir, signal=args.signal)
     if action == "logs":
@@ -369,16 +386,76 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
                 raise CliError(f"mesh: {e}") from None
             return 0
         if args.dry_run:
-            print(C.format_commands(plan(args)), file=out)
+            print(_dry_run_text(args), file=out)
             return 0
         _count_workers(args, err)
-        commands = plan(args)
-        require_programs(commands)
-        _warn_if_dirty(args, err)
-        if args.action == "logs":
-            for cmd in commands:
-                os.makedirs(os.path.dirname(cmd[6]) or ".", exist_ok=True)
-        return run_commands(commands, err)
+        with _env_file(args) as env_file:
+            commands = plan(args, env_file)
+            require_programs(commands)
+            _warn_if_dirty(args, err)
+            if args.action == "logs":
+                for cmd in commands:
+                    os.makedirs(os.path.dirname(cmd[6]) or ".", exist_ok=True)
+            _note_env(args, err)
+            return run_commands(commands, err)
     except CliError as e:
         print(f"tpu_setup: error: {e}", file=err)
         return 2
+
+
+def _dry_run_text(args: argparse.Namespace) -> str:
+    """What ``--dry-run`` prints: the commands, one per line; ``logs`` without a worker count
+    prints the describe step and the per-worker scp as a template."""
+    if args.action == "logs" and args.workers is None and not _accelerator(args, required=False):
+        target = _target(args)
+        local_dir = args.local_dir or os.path.join("tpu-logs", target.name)
+        try:
+            scp = C.logs_command(target, "{i}", local_dir, run_name=args.run_name, log_dir=args.log_dir)
+        except ValueError as e:
+            raise CliError(f"logs: {e}") from None
+        return "\n".join([
+            C.format_commands([C.workers_query_command(target)]),
+            "# then, for each worker i from 0 to (workers of that accelerator type) - 1:",
+            C.format_commands([scp]),
+        ])
+    text = C.format_commands(plan(args))
+    note = _env_note(args)
+    return text + ("\n" + note if note else "")
+
+
+def _env_note(args: argparse.Namespace) -> str | None:
+    if args.action != "launch" or not args.env:
+        return None
+    return (f"# --env {remote.mask_env(dict(_parse_env(args.env)))}: sent to the workers in a file (mode 600), "
+            "read and deleted there; never on a command line")
+
+
+def _note_env(args: argparse.Namespace, err: TextIO) -> None:
+    note = _env_note(args)
+    if note:
+        print(note, file=err)
+
+
+@contextlib.contextmanager
+def _env_file(args: argparse.Namespace):
+    """For ``launch --env``: a private local file (mode 600) with the values, removed afterwards."""
+    if args.action != "launch" or not args.env:
+        yield C.ENV_FILE_PLACEHOLDER
+        return
+    text = _env_text(args)
+    directory = tempfile.mkdtemp(prefix="tpu-setup-env-")  # mode 700
+    path = os.path.join(directory, "env")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        yield path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _env_text(args: argparse.Namespace) -> str:
+    try:
+        return remote.env_file_text(dict(_parse_env(args.env)))
+    except ValueError as e:
+        raise CliError(f"launch: {e}") from None

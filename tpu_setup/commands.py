@@ -29,6 +29,13 @@ _TPU_VM = [GCLOUD, "compute", "tpus", "tpu-vm"]
 _QUEUED = [GCLOUD, "compute", "tpus", "queued-resources"]
 # TPU node names: lowercase letter first, then lowercase letters, digits, hyphens.
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+# zones ("us-central2-b") and project ids (also "example.com:my-project")
+_ZONE_RE = re.compile(r"^[a-z0-9][-a-z0-9]*$")
+_PROJECT_RE = re.compile(r"^[a-z0-9]([-a-z0-9.:]*[a-z0-9])?$")
+# the code tarball's name on the workers (an scp path): plain characters only
+_ARCHIVE_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# stands for the local --env file in printed (--dry-run) commands; the real one is made at run time
+ENV_FILE_PLACEHOLDER = "<local --env file, mode 600>"
 
 # Defaults for where things live on the workers (relative to the worker's home).
 REMOTE_DIR = "gralora-jax"
@@ -57,6 +64,10 @@ class Target:
             )
         if not self.zone:
             raise ValueError("a zone is required (--zone, or the TPU_ZONE environment variable)")
+        if not _ZONE_RE.match(self.zone):
+            raise ValueError(f"zone {self.zone!r} is not a zone name like us-central2-b")
+        if self.project is not None and not _PROJECT_RE.match(self.project):
+            raise ValueError(f"project {self.project!r} is not a GCP project id")
 
     def scope_flags(self) -> list[str]:
         """``--zone`` and (if set) ``--project``: every gcloud command takes them."""
@@ -108,6 +119,7 @@ class CreateOptions:
     description: str | None = None  # free text shown by `describe`
     service_account: str | None = None  # the workers' identity (needs access to your gs:// bucket)
     scopes: str | None = None  # OAuth scopes for that account, e.g. "cloud-platform"
+    internal_ips: bool = False  # workers get no external IP (reach them from inside the VPC, --internal-ip)
 
     def __post_init__(self):
         parse_accelerator(self.accelerator_type)  # fail early on a malformed type
@@ -137,7 +149,8 @@ def create_commands(target: Target, opts: CreateOptions) -> list[list[str]]:
     else:
         cmd = [*_TPU_VM, "create", target.name, *target.scope_flags()]
         cmd += [f"--accelerator-type={opts.accelerator_type}", f"--version={version}"]
-    cmd += [flag for flag, on in (("--spot", opts.spot), ("--preemptible", opts.preemptible)) if on]
+    cmd += [flag for flag, on in (("--spot", opts.spot), ("--preemptible", opts.preemptible),
+                                  ("--internal-ips", opts.internal_ips)) if on]
     valued = (
         ("network", opts.network),
         ("subnetwork", opts.subnetwork),
@@ -165,6 +178,7 @@ class SetupOptions:
     jax_spec: str = "jax[tpu]"  # the jax requirement; the [tpu] extra brings libtpu
     use_constraints: bool = True  # pin with the repo's constraints.txt (the versions CI tests)
     extra_packages: tuple[str, ...] = ()  # more requirements, e.g. ("tensorboardX",)
+    check_devices: bool = True  # finally, fail on a worker where jax sees no TPU (prints jax.devices())
 
     def __post_init__(self):
         if self.branch and not self.git_url:
@@ -199,6 +213,8 @@ def sync_commands(target: Target, opts: SyncOptions) -> list[list[str]]:
     """``git archive`` -> one ``scp --worker=all`` -> unpack on all workers."""
     archive = opts.archive or default_archive_path(target.name)
     remote_archive = os.path.basename(archive)
+    if not _ARCHIVE_RE.match(remote_archive):
+        raise ValueError(f"archive file name {remote_archive!r} may only hold letters, digits, '.', '_', '+' and '-'")
     return [
         ["git", "-C", opts.repo, "archive", "--format=tar.gz", f"--output={archive}", opts.ref],
         _scp(target, [archive], f"{target.name}:{remote_archive}", "all"),
@@ -244,22 +260,32 @@ class LaunchOptions:
     worker: str = "all"  # workers to start on; multi-host JAX needs all of them
 
 
-def launch_commands(target: Target, opts: LaunchOptions) -> list[list[str]]:
+def launch_commands(target: Target, opts: LaunchOptions, env_file: str = ENV_FILE_PLACEHOLDER) -> list[list[str]]:
     """One ssh to every worker at once that starts the same command in the background.
+
+    ``opts.env`` (the user's ``--env``, possibly secrets) never reaches a command line: the
+    caller writes it to ``env_file`` (a local file, mode 600, :func:`remote.env_file_text`),
+    which is first copied to the workers, then read and deleted by the launch script.
 
     >>> cmd = launch_commands(Target("t", "z"), LaunchOptions("python -m experiments.commonsense --mesh 4x1"))[0]
     >>> cmd[5:8]
     ['t', '--zone=z', '--worker=all']
     """
+    worker = _check_worker(opts.worker)
+    user_env = dict(opts.env)
+    remote._check_env(user_env)
+    remote_env_file = remote.env_file_name(opts.run_name) if user_env else None
     script = remote.launch_script(
         command=opts.command,
         remote_dir=opts.remote_dir,
         venv=opts.venv,
         log_dir=opts.log_dir,
         run_name=opts.run_name,
-        env=launch_env(dict(opts.env), opts.jax_platforms),
+        env=launch_env(None, opts.jax_platforms),
+        env_file=remote_env_file,
     )
-    return [_ssh(target, _check_worker(opts.worker), script)]
+    copy = [_scp(target, [env_file], f"{target.name}:{remote_env_file}", worker)] if user_env else []
+    return [*copy, _ssh(target, worker, script)]
 
 
 def stop_commands(
@@ -272,16 +298,22 @@ def stop_commands(
 # ----------------------------------------------------------------------------- logs
 
 
+def logs_command(
+    target: Target, worker: str, local_dir: str, run_name: str = RUN_NAME, log_dir: str = REMOTE_LOG_DIR
+) -> list[str]:
+    """The ``scp --worker=WORKER`` of ``LOG_DIR/RUN.log`` -> ``local_dir/RUN-worker-WORKER.log``
+    (``worker`` may be a template such as ``{i}`` for printing)."""
+    src = f"{target.name}:{remote.scp_path(remote.check_log_dir(log_dir))}/{remote.check_run_name(run_name)}.log"
+    return _scp(target, [src], os.path.join(local_dir, f"{run_name}-worker-{worker}.log"), worker)
+
+
 def logs_commands(
     target: Target, workers: int, local_dir: str, run_name: str = RUN_NAME, log_dir: str = REMOTE_LOG_DIR
 ) -> list[list[str]]:
     """One ``scp --worker=i`` per worker: ``LOG_DIR/RUN.log`` -> ``local_dir/worker-i.log``."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    src = f"{target.name}:{remote.scp_path(log_dir)}/{run_name}.log"
-    return [
-        _scp(target, [src], os.path.join(local_dir, f"{run_name}-worker-{i}.log"), str(i)) for i in range(workers)
-    ]
+    return [logs_command(target, str(i), local_dir, run_name, log_dir) for i in range(workers)]
 
 
 def workers_query_command(target: Target) -> list[str]:

@@ -12,6 +12,13 @@ Layout on every worker (defaults):
                             Python 3.10, older than the pinned jax supports)
     ~/gralora-logs/RUN.log  stdout+stderr of a launched run; RUN.pid its process group
 
+Quoting rule: every value that reaches the worker's shell is either a fixed word of this
+module, passed through :func:`shlex.quote`, or checked against a strict pattern first
+(run names, log directories, git branches). Messages that mention user values are built
+by :func:`_echo`, which quotes them; nothing user-given is ever placed bare inside a
+double-quoted string. ``--env`` values never appear on a command line at all: they travel
+in a file (mode 600) that the launch script reads and deletes (:func:`env_file_text`).
+
 >>> remote_path("gralora-jax")
 '"$HOME"/gralora-jax'
 >>> remote_path("/mnt/disk/code")
@@ -42,8 +49,51 @@ FORBIDDEN_ENV = frozenset(
     }
 )
 
-UV_INSTALL_URL = "https://astral.sh/uv/install.sh"
+# uv, pinned, installed from PyPI with the worker's own pip (no curl | sh of a moving script).
+UV_VERSION = "0.13.8"
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RUN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Log directories are also scp paths (legacy scp hands them to the remote shell): plain characters only.
+_LOG_DIR_RE = re.compile(r"^(~/)?[A-Za-z0-9_.+/-]+$")
+# git branch / tag names (a subset of check-ref-format) that cannot be read as an option.
+_BRANCH_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_./+-]*$")
+
+
+def check_run_name(run_name: str) -> str:
+    """A run name names files (``RUN.log``, ``RUN.pid``): letters, digits, ``.``, ``_``, ``-``."""
+    if not _RUN_NAME_RE.match(run_name or "") or run_name in (".", ".."):
+        raise ValueError(f"run name {run_name!r} may only hold letters, digits, '.', '_' and '-'")
+    return run_name
+
+
+def check_log_dir(log_dir: str) -> str:
+    """A remote log directory: it is also an scp path, so only letters, digits and ``._+/-``
+    (optionally after ``~/``), not starting with ``-``."""
+    if not _LOG_DIR_RE.match(log_dir or "") or log_dir.lstrip("~/").startswith("-"):
+        raise ValueError(
+            f"log directory {log_dir!r} may only hold letters, digits, '.', '_', '+', '-' and '/' "
+            "(optionally after '~/'), and must not start with '-'"
+        )
+    return log_dir
+
+
+def _echo(template: str, stream: str = "", **values: str) -> str:
+    """``printf`` of a message as ONE quoted shell word; ``{host}`` becomes the worker's hostname,
+    other ``{fields}`` the (quoted) ``values``.
+
+    >>> print(_echo("hi {who} on {host}", who="$(x)"))
+    printf '%s\\n' 'hi ''$(x)'' on '"$(hostname)"
+    """
+    import string
+
+    word = ""
+    for literal, field, _, _ in string.Formatter().parse(template):
+        word += shlex.quote(literal) if literal else ""
+        if field == "host":
+            word += '"$(hostname)"'
+        elif field is not None:
+            word += shlex.quote(str(values[field]))
+    return f"printf '%s\\n' {word}" + (f" {stream}" if stream else "")
 
 
 def remote_path(path: str) -> str:
@@ -104,19 +154,29 @@ def setup_script(
     branch: str | None = None,
     use_constraints: bool = True,
     extra_packages: Sequence[str] = (),
+    check_devices: bool = True,
 ) -> str:
     """Install uv, a venv, ``jax[tpu]`` and this project (editable) on a worker.
 
     With ``git_url`` the code is cloned into ``remote_dir`` (or updated if already there);
     otherwise ``remote_dir`` must already hold it (``python -m tpu_setup sync``). With
     ``use_constraints`` the repo's ``constraints.txt`` (the versions CI tests) pins the
-    install when the file is present.
+    install when the file is present. uv is installed at :data:`UV_VERSION` with pip from
+    PyPI. Last, the venv's Python imports jax and this project and, with ``check_devices``,
+    prints ``jax.devices()`` and fails on a worker where jax finds no TPU.
     """
     d, v = remote_path(remote_dir), remote_path(venv)
+    uv = shlex.quote(f"uv=={UV_VERSION}")
     steps = [
         'export PATH="$HOME/.local/bin:$PATH"',
-        f"(command -v uv >/dev/null || curl -LsSf {UV_INSTALL_URL} | sh)",
+        # pip refuses --user installs on images marked "externally managed" unless told otherwise
+        f"(python3 -m pip install --user --quiet {uv} || "
+        f"python3 -m pip install --user --quiet --break-system-packages {uv})",
     ]
+    if branch and not _BRANCH_RE.match(branch):
+        raise ValueError(f"branch {branch!r} is not a plain git branch or tag name")
+    if git_url is not None and (not git_url or git_url.startswith("-") or any(c.isspace() or ord(c) < 32 for c in git_url)):
+        raise ValueError(f"git URL {git_url!r} must not be empty, start with '-' or hold whitespace")
     if git_url:
         ref = f" --branch {shlex.quote(branch)}" if branch else ""
         checkout = (
@@ -127,14 +187,12 @@ def setup_script(
         )
         steps.append(
             f"(if [ -d {d}/.git ]; then {checkout}; "
-            f"else git clone --depth 1{ref} {shlex.quote(git_url)} {d}; fi)"
+            f"else git clone --depth 1{ref} -- {shlex.quote(git_url)} {d}; fi)"
         )
     else:
-        steps.append(
-            f"(test -f {d}/pyproject.toml || "
-            f"{{ echo \"no code in {remote_dir} on $(hostname): run 'python -m tpu_setup sync' "
-            f"first or pass --git-url\" >&2; exit 1; }})"
-        )
+        message = _echo("no code in {dir} on {host}: run 'python -m tpu_setup sync' first or pass --git-url",
+                        ">&2", dir=remote_dir)
+        steps.append(f"(test -f {d}/pyproject.toml || {{ {message}; exit 1; }})")
     steps.append(f"uv venv --allow-existing --python {shlex.quote(python_version)} {v}")
     packages = ["-e", d, shlex.quote(jax_spec)] + [shlex.quote(p) for p in extra_packages]
     install = f"uv pip install --python {v}/bin/python " + " ".join(packages)
@@ -145,13 +203,24 @@ def setup_script(
             f"else {install}; fi)"
         )
     steps.append(install)
-    # Only import (no device query): on a pod slice, touching the TPUs from one worker
-    # alone may wait for the others.
-    steps.append(
-        f"{v}/bin/python -c 'import jax, gralora_jax; "
-        f"print(\"setup ok on\", __import__(\"socket\").gethostname(), \"jax\", jax.__version__)'"
-    )
+    steps.append(f"{v}/bin/python -c {shlex.quote(_DEVICE_CHECK if check_devices else _IMPORT_CHECK)}")
     return _join(steps)
+
+
+# The post-install checks run with the venv's Python on every worker at once (so on a pod
+# slice all hosts bring up their TPUs together).
+_IMPORT_CHECK = (
+    "import socket, jax, gralora_jax; "
+    "print('setup ok on', socket.gethostname(), 'jax', jax.__version__)"
+)
+_DEVICE_CHECK = (
+    "import socket, sys, jax, gralora_jax; "
+    "host = socket.gethostname(); devices = jax.devices(); tpus = [d for d in devices if d.platform == 'tpu']; "
+    "print('setup ok on', host, 'jax', jax.__version__, 'devices', len(devices), "
+    "'local', jax.local_device_count(), tpus[0].device_kind) if tpus else "
+    "sys.exit(f'setup FAILED on {host}: jax {jax.__version__} sees no TPU devices, only {devices} "
+    "(libtpu missing, or another process holds the TPU?)')"
+)
 
 
 def _check_env(env: Mapping[str, str]) -> None:
@@ -166,6 +235,26 @@ def _check_env(env: Mapping[str, str]) -> None:
             )
 
 
+def env_file_text(env: Mapping[str, str]) -> str:
+    """The ``--env`` file a launch sources: one ``export KEY=VALUE`` per line, values quoted.
+
+    >>> print(env_file_text({"HF_TOKEN": "hf_x'y"}), end="")
+    export HF_TOKEN='hf_x'"'"'y'
+    """
+    _check_env(env)
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
+def env_file_name(run_name: str) -> str:
+    """Where a launch's ``--env`` file is copied on each worker (relative to home, for scp)."""
+    return f".gralora-env-{check_run_name(run_name)}"
+
+
+def mask_env(env: Mapping[str, str]) -> str:
+    """``KEY=*** ...``: how ``--env`` values are shown (never the values themselves)."""
+    return " ".join(f"{k}=***" for k in env)
+
+
 def launch_script(
     command: str,
     remote_dir: str,
@@ -173,6 +262,7 @@ def launch_script(
     log_dir: str,
     run_name: str,
     env: Mapping[str, str],
+    env_file: str | None = None,
 ) -> str:
     """Start ``command`` in the background on one worker, detached from the ssh session.
 
@@ -181,19 +271,25 @@ def launch_script(
     ``log_dir/run_name.log`` and the process group id to ``log_dir/run_name.pid``. It
     refuses to start while the previous run of that name is still alive (a TPU can only
     be held by one process).
+
+    ``env`` (non-secret settings) is exported on the command line; ``env_file`` (a path
+    relative to home, see :func:`env_file_name`) is a file of ``export`` lines holding the
+    user's ``--env`` values: it is read, then deleted, before anything else happens.
     """
     if not command.strip():
         raise ValueError("launch needs a command to run, e.g. 'python -m experiments.commonsense --mesh 4x1'")
     _check_env(env)
-    if not re.match(r"^[A-Za-z0-9_.-]+$", run_name):
-        raise ValueError(f"run name {run_name!r} may only hold letters, digits, '.', '_' and '-'")
-    logs = remote_path(log_dir)
+    check_run_name(run_name)
+    logs = remote_path(check_log_dir(log_dir))
     log, pid = f"{logs}/{run_name}.log", f"{logs}/{run_name}.pid"
-    steps = [
-        f"mkdir -p {logs}",
+    steps = [f"mkdir -p {logs}"]
+    if env_file:
+        f = remote_path(env_file)
+        steps.append(f"{{ set -a; . {f}; rc=$?; set +a; rm -f {f}; test $rc = 0; }}")
+    steps += [
         f"(if [ -f {pid} ] && kill -0 -- -\"$(cat {pid})\" 2>/dev/null; then "
-        f"echo \"run {run_name} is still running on $(hostname); stop it first "
-        f"(python -m tpu_setup stop)\" >&2; exit 1; fi)",
+        + _echo("run {run} is still running on {host}; stop it first (python -m tpu_setup stop)", ">&2", run=run_name)
+        + "; exit 1; fi)",
         f"cd {remote_path(remote_dir)}",
     ]
     if venv:
@@ -204,7 +300,10 @@ def launch_script(
         f"{{ setsid nohup bash -c {shlex.quote(command)} > {log} 2>&1 < /dev/null & "
         f"echo $! > {pid}; }}"
     )
-    steps.append(f"echo \"started {run_name} on $(hostname): pid $(cat {pid}), log {log_dir}/{run_name}.log\"")
+    steps.append(
+        _echo("started {run} on {host}: pid ", run=run_name) + f'"$(cat {pid})"'
+        + shlex.quote(f", log {log_dir}/{run_name}.log")
+    )
     return _join(steps)
 
 
@@ -212,9 +311,9 @@ def stop_script(log_dir: str, run_name: str, signal: str = "TERM") -> str:
     """Signal a launched run's whole process group (SIGTERM: the trainer checkpoints, exits)."""
     if signal not in ("TERM", "INT", "KILL"):
         raise ValueError(f"signal must be TERM, INT or KILL, got {signal!r}")
-    pid = f"{remote_path(log_dir)}/{run_name}.pid"
+    pid = f"{remote_path(check_log_dir(log_dir))}/{check_run_name(run_name)}.pid"
     return (
         f"if [ -f {pid} ] && kill -0 -- -\"$(cat {pid})\" 2>/dev/null; then "
-        f"kill -{signal} -- -\"$(cat {pid})\" && echo \"sent SIG{signal} to {run_name} on $(hostname)\"; "
-        f"else echo \"{run_name} is not running on $(hostname)\"; fi"
+        f"kill -{signal} -- -\"$(cat {pid})\" && " + _echo("sent SIG{sig} to {run} on {host}", sig=signal, run=run_name)
+        + "; else " + _echo("{run} is not running on {host}", run=run_name) + "; fi"
     )

@@ -2,8 +2,8 @@
 
 Records have the LLM-Adapters fields ``instruction``, ``input``, ``output``, ``answer``.
 
-* Training records come from a JSON/JSONL file (``datasets.load_dataset("json", ...)``)
-  or a hub dataset id (``load_dataset(id)``), e.g. ``commonsense_170k.json``.
+* Training records come from a JSON/JSONL file (read here, so every error names the file
+  and line) or a hub dataset id (``datasets.load_dataset(id)``), e.g. ``commonsense_170k.json``.
 * Evaluation sets sit in the LLM-Adapters layout ``DIR/<task>/test.json`` (a JSON list).
 * ``tokenize_example`` follows the authors: the whole prompt+response is tokenised with
   truncation at ``cutoff_len``, EOS is appended if there is room, and the loss covers the
@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from experiments.commonsense.config import UserError
 from experiments.commonsense.prompt import build_prompt
 from experiments.commonsense.tasks import check_task
 
@@ -42,53 +43,87 @@ REQUIRED_FIELDS = ("instruction", "output")
 # ----------------------------------------------------------------------------- loading
 
 
-def _check_records(records: Sequence[Mapping[str, Any]], where: str) -> list[dict]:
+def _check_records(records: Sequence[Any], where: str) -> list[dict]:
+    if not isinstance(records, list):
+        raise UserError(f"{where}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise UserError(f"{where}: holds no records")
     out = []
     for i, r in enumerate(records):
+        if not isinstance(r, Mapping):
+            raise UserError(f"{where}: record {i} is a {type(r).__name__}, not an object with fields {REQUIRED_FIELDS}")
         missing = [f for f in REQUIRED_FIELDS if f not in r]
         if missing:
-            raise ValueError(f"{where}: record {i} lacks field(s) {missing}; LLM-Adapters records need {REQUIRED_FIELDS}")
+            raise UserError(f"{where}: record {i} lacks field(s) {missing}; LLM-Adapters records need {REQUIRED_FIELDS}")
         out.append({"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"],
                     "answer": r.get("answer", "")})
     return out
 
 
+def read_json_records(path: str | os.PathLike) -> list:
+    """The records of a ``.json`` file (a list) or ``.jsonl`` file (one object per line).
+
+    Errors name the file (and line): truncated or invalid JSON, a top level that is not a list.
+    """
+    p = pathlib.Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: cannot read ({e})") from None
+    if p.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{p} line {n}: not valid JSON: {e.msg} (column {e.colno})") from None
+        return records
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = " (truncated?)" if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated") else ""
+        raise UserError(f"{p}: not valid JSON{hint}: {e.msg} (line {e.lineno}, column {e.colno})") from None
+
+
 def load_train_records(source: str | os.PathLike, split: str = "train") -> list[dict]:
     """Training records from a local JSON/JSONL file or directory of them, or a hub dataset id."""
-    import datasets
-
     src = str(source)
     path = pathlib.Path(src)
     if path.is_file():
-        ds = datasets.load_dataset("json", data_files=str(path), split=split)
-    elif path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
+        return _check_records(read_json_records(path), src)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl"))
         if not files:
-            raise ValueError(f"{src}: directory holds no .json/.jsonl file")
-        ds = datasets.load_dataset("json", data_files=files, split=split)
-    elif src.endswith((".json", ".jsonl")):
-        raise ValueError(f"training data file {src!r} does not exist")
-    else:  # a hub id such as "zwhe99/commonsense_170k"
+            raise UserError(f"{src}: directory holds no .json/.jsonl file")
+        return [r for f in files for r in _check_records(read_json_records(f), str(f))]
+    if src.endswith((".json", ".jsonl")) or src.startswith((".", "/", "~")):
+        raise UserError(f"training data {src}: no such file or directory")
+    import datasets  # a hub id such as "zwhe99/commonsense_170k"
+
+    try:
         ds = datasets.load_dataset(src, split=split)
+    except Exception as e:  # offline, unknown dataset, no such split
+        raise UserError(f"training data {src!r} is not a local file and loading it from the hub failed: "
+                        f"{' '.join(str(e).split())}") from None
     return _check_records(ds.to_list(), src)
 
 
 def load_eval_sets(eval_dir: str | os.PathLike, tasks: Sequence[str], limit: int | None = None) -> dict[str, list[dict]]:
     """``{task: records}`` from ``eval_dir/<task>/test.json``; ``limit`` keeps the first N of each."""
     root = pathlib.Path(eval_dir)
+    if not root.is_dir():
+        raise UserError(f"evaluation dir {root}: no such directory")
     out = {}
     for task in tasks:
         check_task(task)
         f = root / task / "test.json"
         if not f.exists():
-            raise ValueError(f"evaluation set {f} not found (expected the LLM-Adapters layout DIR/<task>/test.json)")
-        recs = json.loads(f.read_text())
-        if not isinstance(recs, list):
-            raise ValueError(f"{f}: expected a JSON list of records")
-        recs = _check_records(recs, str(f))
+            raise UserError(f"evaluation set {f} not found (expected the LLM-Adapters layout DIR/<task>/test.json)")
+        recs = _check_records(read_json_records(f), str(f))
         for i, r in enumerate(recs):
             if not r["answer"]:
-                raise ValueError(f"{f}: record {i} has no 'answer'")
+                raise UserError(f"{f}: record {i} has no 'answer'")
         out[task] = recs[:limit] if limit else recs
     return out
 

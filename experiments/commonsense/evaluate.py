@@ -29,8 +29,6 @@ be faster for long generations.
 
 from __future__ import annotations
 
-import functools
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -116,14 +114,22 @@ def _pad_rows(arrays: Mapping[str, np.ndarray], multiple: int, rows: int | None 
 
 
 def _place(arrays: Mapping[str, np.ndarray], mesh) -> dict:
+    """The whole eval batch (every process holds the same) onto the mesh, rows over the data axes."""
     import jax
 
     if mesh is None:
         return {k: jax.numpy.asarray(v) for k, v in arrays.items()}
     from gralora_jax import sharding
+    from gralora_jax.distributed import put_global
 
-    shard = sharding.batch_sharding(mesh)
-    return {k: jax.device_put(v, shard) for k, v in arrays.items()}
+    return put_global(dict(arrays), sharding.batch_sharding(mesh))
+
+
+def _fetch(x) -> np.ndarray:
+    """A batch-sharded output as one host array, on every process (rows may live on other hosts)."""
+    from gralora_jax.distributed import gather_to_host
+
+    return gather_to_host(x)
 
 
 def _dp_size(mesh) -> int:
@@ -216,12 +222,13 @@ def generate_answers(
     max_prompt_len: int = 512,
     mesh=None,
     generate_fn: Callable | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Decoded continuations after ``### Response:`` for every record (special tokens skipped).
 
     ``generate_fn(params, input_ids, attention_mask) -> [B, P + new]`` (left-padded prompts, the
     ``gralora_jax.models.generate`` contract, KV-cached) is used when given; otherwise the
-    cache-less decoder over ``logits_fn``.
+    cache-less decoder over ``logits_fn``. ``on_batch(n)`` is called after each batch of ``n`` records.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
@@ -244,8 +251,10 @@ def generate_answers(
                 att[i, p_len - len(p) :] = 1
             arrays, n = _pad_rows({"ids": ids, "att": att}, dp, bs)
             placed = _place(arrays, mesh)
-            out = np.asarray(generate_fn(params, placed["ids"], placed["att"]))[:n, p_len:]
+            out = _fetch(generate_fn(params, placed["ids"], placed["att"]))[:n, p_len:]
             texts += [_decode(tokenizer, row, eos) for row in out]
+            if on_batch:
+                on_batch(len(chunk))
             continue
         L = p_len + max_new_tokens
         ids = np.full((len(chunk), L), pad, np.int32)
@@ -257,8 +266,10 @@ def generate_answers(
         key = L
         if key not in decoders:
             decoders[key] = _compile_decoder(logits_fn, max_new_tokens, num_beams, eos, pad)
-        out = np.asarray(decoders[key](params, placed["ids"], placed["lengths"]))[:n]
+        out = _fetch(decoders[key](params, placed["ids"], placed["lengths"]))[:n]
         texts += [_decode(tokenizer, row, eos) for row in out]
+        if on_batch:
+            on_batch(len(chunk))
     return texts
 
 
@@ -303,8 +314,9 @@ def score_options(
     batch_size: int = 64,
     cutoff_len: int = 256,
     mesh=None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Per record ``{label: log p(answer sentence of label | prompt)}``."""
+    """Per record ``{label: log p(answer sentence of label | prompt)}``; ``on_batch(n)``: ``n`` more records done."""
     scorer = _compile_scorer(logits_fn)
     rows: list[tuple[int, str, data_lib.Example]] = []
     for i, r in enumerate(records):
@@ -321,9 +333,11 @@ def score_options(
         batch = data_lib.pad_batch([e for _, _, e in chunk], pad, bucket_sizes)
         arrays, n = _pad_rows(batch, dp, bs)
         placed = _place(arrays, mesh)
-        vals = np.asarray(scorer(params, placed["input_ids"], placed["attention_mask"], placed["loss_mask"]))[:n]
+        vals = _fetch(scorer(params, placed["input_ids"], placed["attention_mask"], placed["loss_mask"]))[:n]
         for (i, lab, _), v in zip(chunk, vals):
             out[i][lab] = float(v)
+        if on_batch:  # records whose last option was scored in this batch
+            on_batch(sum(1 for j in range(s, s + len(chunk)) if j + 1 == len(rows) or rows[j + 1][0] != rows[j][0]))
     return out
 
 
@@ -344,6 +358,7 @@ def evaluate_task(
     cutoff_len: int = 256,
     mesh=None,
     generate_fn: Callable | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> TaskResult:
     """Accuracy of one task by ``mode`` ("generate" | "loglik")."""
     if mode not in EVAL_MODES:
@@ -353,7 +368,7 @@ def evaluate_task(
     if mode == "generate":
         outs = generate_answers(
             logits_fn, params, tokenizer, records, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            batch_size=batch_size, max_prompt_len=cutoff_len, mesh=mesh, generate_fn=generate_fn,
+            batch_size=batch_size, max_prompt_len=cutoff_len, mesh=mesh, generate_fn=generate_fn, on_batch=on_batch,
         )
         for r, o in zip(records, outs):
             pred = extract_answer(task, o)
@@ -361,7 +376,7 @@ def evaluate_task(
             res.records.append({"answer": r["answer"], "pred": pred, "output_pred": o, "flag": pred == r["answer"]})
     else:
         scores = score_options(logits_fn, params, tokenizer, task, records, batch_size=batch_size,
-                               cutoff_len=cutoff_len, mesh=mesh)
+                               cutoff_len=cutoff_len, mesh=mesh, on_batch=on_batch)
         for r, sc in zip(records, scores):
             pred = max(sc, key=sc.get)
             res.correct += pred == r["answer"]
@@ -371,12 +386,25 @@ def evaluate_task(
 
 def evaluate_all(
     logits_fn: Callable, params: Any, tokenizer, eval_sets: Mapping[str, Sequence[Mapping[str, Any]]], *,
-    log: Callable[[str], None] | None = None, **kw
+    log: Callable[[str], None] | None = None, progress: bool = False, **kw
 ) -> dict[str, TaskResult]:
-    """:func:`evaluate_task` over ``{task: records}``, in order."""
+    """:func:`evaluate_task` over ``{task: records}``, in order; ``progress``: a tqdm bar over all records."""
     out = {}
-    for task, recs in eval_sets.items():
-        out[task] = evaluate_task(logits_fn, params, tokenizer, task, recs, **kw)
-        if log:
-            log(f"  {task}: {100 * out[task].accuracy:.2f}% ({out[task].correct}/{out[task].total})")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(r) for r in eval_sets.values()), desc="eval", unit="q", dynamic_ncols=True)
+    try:
+        for task, recs in eval_sets.items():
+            if bar is not None:
+                bar.set_postfix(task=task)
+            out[task] = evaluate_task(logits_fn, params, tokenizer, task, recs,
+                                      on_batch=bar.update if bar is not None else None, **kw)
+            if log:
+                msg = f"  {task}: {100 * out[task].accuracy:.2f}% ({out[task].correct}/{out[task].total})"
+                bar.write(msg) if bar is not None else log(msg)
+    finally:
+        if bar is not None:
+            bar.close()
     return out

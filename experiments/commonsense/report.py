@@ -6,11 +6,12 @@ each task's chance level as a tick, plus the average; matplotlib's Agg backend, 
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
 from typing import Any, Mapping, Sequence
 
 from experiments.commonsense.evaluate import TaskResult, candidate_labels
+from gralora_jax import fileio
 
 
 def chance_levels(eval_sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, float]:
@@ -22,15 +23,13 @@ def chance_levels(eval_sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[
     return out
 
 
-def write_predictions(directory: str | pathlib.Path, results: Mapping[str, TaskResult]) -> None:
+def write_predictions(directory: fileio.PathLike, results: Mapping[str, TaskResult]) -> None:
     """``directory/<task>.json``: per record the answer, the prediction and (generate) the output text."""
-    d = pathlib.Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     for task, r in results.items():
-        (d / f"{task}.json").write_text(json.dumps(r.records, indent=1))
+        fileio.atomic_write_text(fileio.join(directory, f"{task}.json"), json.dumps(r.records, indent=1))
 
 
-def plot(results: Mapping[str, Any], path: str | pathlib.Path, title: str = "") -> None:
+def plot(results: Mapping[str, Any], path: fileio.PathLike, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,5 +60,7 @@ def plot(results: Mapping[str, Any], path: str | pathlib.Path, title: str = "") 
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    fileio.atomic_write_bytes(path, buf.getvalue())

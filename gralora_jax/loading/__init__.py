@@ -6,6 +6,7 @@ Sub-modules, one job each:
 * :mod:`.convert` -- HF PyTorch state dict <-> Flax param tree, driven by the target shapes.
 * :mod:`.pretrained` -- ``load_pretrained(dir | hub id | .gguf)`` -> ``(model, params)``.
 * :mod:`.gguf_io` -- llama.cpp GGUF (Llama family) -> HF config, state dict, tokenizer.
+* :mod:`.sharded` -- ``load_pretrained_sharded(path, mesh)``: each device reads only its shard.
 """
 
 from gralora_jax.loading.convert import flax_to_torch_state_dict, match_flax_params, torch_to_flax_params
@@ -19,6 +20,7 @@ from gralora_jax.loading.pretrained import (
     param_shapes,
     read_flax_msgpack,
 )
+from gralora_jax.loading.sharded import load_pretrained_sharded
 from gralora_jax.loading.safetensors_io import (
     SafetensorsError,
     read_metadata,
@@ -38,6 +40,7 @@ __all__ = [
     "load_gguf_tokenizer",
     "load_params",
     "load_pretrained",
+    "load_pretrained_sharded",
     "load_tokenizer",
     "match_flax_params",
     "param_shapes",

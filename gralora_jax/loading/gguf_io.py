@@ -14,7 +14,7 @@ k projections of every head from HF's "rotate halves" rotary layout
 The config comes from the ``llama.*`` metadata (``llama.rope.freq_base`` ->
 ``rope_theta``); a missing ``output.weight`` means tied embeddings. The tokenizer is
 transformers' GGUF tokenizer conversion (``AutoTokenizer.from_pretrained(dir,
-gguf_file=name)``), which reads the metadata only (no torch).
+gguf_file=name, trust_remote_code=False)``), which reads the metadata only (no torch).
 """
 
 from __future__ import annotations
@@ -60,7 +60,15 @@ def _reader(path: str | os.PathLike):
 def _cached_reader(path: str, mtime_ns: int, size: int):
     import gguf
 
-    return gguf.GGUFReader(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader fails in numpy (reshape/view/mmap) on a cut-off file
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {reason})") from None
 
 
 def _meta(reader) -> dict:
@@ -165,7 +173,8 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = os.path.abspath(os.fspath(path))
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True,
+                                        trust_remote_code=False)
     # transformers' conversion always adds BOS for Llama; follow the file's own flag when it has one.
     meta = _meta(_reader(path))
     add_bos = meta.get("tokenizer.ggml.add_bos_token")

@@ -23,7 +23,6 @@ Steps, each a small function below:
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Any
@@ -32,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gralora_jax import fileio
 from gralora_jax.loading.convert import is_floating, match_flax_params, torch_to_flax_params
-from gralora_jax.loading.safetensors_io import INDEX_FILE, SINGLE_FILE, read_safetensors
+from gralora_jax.loading.safetensors_io import INDEX_FILE, SINGLE_FILE, read_safetensors, read_weight_map
 from gralora_jax.tree import flatten, unflatten
 
 FLAX_FILE = "flax_model.msgpack"
@@ -103,9 +103,31 @@ def load_config(path: str):
         return load_gguf_config(path)
     from transformers import AutoConfig
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
         raise FileNotFoundError(f"no config.json in {path!r}")
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    fields = fileio.read_json_object(config_file, "model config")  # one-line error for lists, bad JSON
+    if "model_type" in fields and not isinstance(fields["model_type"], str):
+        raise ValueError(f"{config_file}: not a valid model config: 'model_type' must be a string")
+    return _without_remote_code(AutoConfig.from_pretrained, path, config_file)
+
+
+def _without_remote_code(from_pretrained, path: str, described: str, **kw):
+    """``from_pretrained(path, ...)`` that never runs code shipped with a checkpoint.
+
+    ``trust_remote_code=False``: a checkpoint whose ``auto_map`` needs its own Python classes
+    is refused (transformers would otherwise ask on a terminal, and run it on "y"). Errors are
+    one line naming ``described`` (the file or directory).
+    """
+    try:
+        return from_pretrained(path, local_files_only=True, trust_remote_code=False, **kw)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise ValueError(
+                f"{described}: this checkpoint needs its own Python code (auto_map), which gralora_jax never runs "
+                "(trust_remote_code=False)"
+            ) from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -184,17 +206,23 @@ def read_flax_msgpack(path: str) -> dict:
 
     index = os.path.join(path, FLAX_INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+        shards = sorted(set(read_weight_map(index, "Flax msgpack index").values()))
+        missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
         if missing:
             raise FileNotFoundError(f"sharded Flax checkpoint {path!r} is missing shard file(s) {missing}")
     else:
-        shards = [FLAX_FILE]
+        shards = [os.path.join(path, FLAX_FILE)]
     flat: dict[str, Any] = {}
     for s in shards:
-        with open(os.path.join(path, s), "rb") as f:
-            flat.update(flatten(msgpack_restore(f.read())))
+        with open(s, "rb") as f:
+            data = f.read()
+        try:
+            tree = msgpack_restore(data)
+        except Exception as e:  # msgpack raises several types (ExtraData, ValueError, ...) on garbage
+            raise ValueError(f"{s}: not a valid Flax msgpack checkpoint (truncated or corrupt: {type(e).__name__})") from None
+        if not isinstance(tree, dict):
+            raise ValueError(f"{s}: not a valid Flax msgpack checkpoint (holds a {type(tree).__name__}, not a parameter tree)")
+        flat.update(flatten(tree))
     return unflatten(flat)
 
 
@@ -283,4 +311,4 @@ def load_tokenizer(path_or_hub_id: str | os.PathLike, *, revision: str | None = 
         return load_gguf_tokenizer(src)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(src, local_files_only=True)
+    return _without_remote_code(AutoTokenizer.from_pretrained, src, src)

@@ -32,6 +32,8 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
+from gralora_jax import fileio
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -141,14 +143,9 @@ def resolve_checkpoint_files(path_or_dir: str | os.PathLike) -> dict[str, list[s
     if os.path.isfile(single):
         return {single: []}
     if os.path.isfile(index):
-        with open(index) as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise SafetensorsError(f"{index}: not a valid safetensors index ({e!r})") from None
         files: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            files.setdefault(os.path.join(p, shard), []).append(name)
+        for name, shard in read_weight_map(index, "safetensors index").items():
+            files.setdefault(shard, []).append(name)
         missing = sorted(os.path.basename(f) for f in files if not os.path.isfile(f))
         if missing:
             raise FileNotFoundError(
@@ -162,6 +159,45 @@ def resolve_checkpoint_files(path_or_dir: str | os.PathLike) -> dict[str, list[s
     raise FileNotFoundError(
         f"no {SINGLE_FILE} or {INDEX_FILE} in {p!r}"
         + (f" (found {others}; pass one file explicitly)" if others else "")
+    )
+
+
+def read_weight_map(index_path: str | os.PathLike, what: str) -> dict[str, str]:
+    """``{tensor name: shard file path}`` from a sharded checkpoint's index (safetensors or
+    Flax msgpack; ``what`` names the kind in errors).
+
+    Shard names must be plain file names inside the checkpoint directory: an absolute path,
+    a ``..`` component or a sub-directory is refused (an index must not make the loader read
+    files elsewhere). Errors are one line naming the index file.
+    """
+    index_path = os.fspath(index_path)
+    try:
+        weight_map = fileio.read_json_object(index_path, what).get("weight_map")
+    except ValueError as e:
+        raise SafetensorsError(str(e)) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SafetensorsError(
+            f"{index_path}: {what} needs a 'weight_map' object mapping tensor names to shard file names"
+        )
+    directory = os.path.dirname(index_path)
+    for shard in set(weight_map.values()):
+        if not _is_plain_file_name(shard):
+            raise SafetensorsError(
+                f"{index_path}: shard file name {shard!r} is not a plain file name in the checkpoint "
+                f"directory (absolute paths, '..' and sub-directories are refused)"
+            )
+    return {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
+
+
+def _is_plain_file_name(name: str) -> bool:
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not os.path.isabs(name)
+        and os.path.basename(name) == name
     )
 
 
@@ -208,7 +244,8 @@ def write_safetensors(
 ) -> None:
     """Write ``{name: array}`` as one ``.safetensors`` file (bf16 via ml_dtypes is kept as BF16).
 
-    ``metadata`` values must be strings (the format's rule); transformers expects
+    The file is written atomically (:func:`gralora_jax.fileio.atomic_open`): an interrupted
+    write leaves the previous file, never a truncated one. ``metadata`` values must be strings (the format's rule); transformers expects
     ``{"format": "pt"}`` on PyTorch checkpoints, which is the default.
     """
     meta = {"format": "pt"} if metadata is None else dict(metadata)
@@ -226,7 +263,7 @@ def write_safetensors(
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
+    with fileio.atomic_open(path) as f:  # readers never see a half-written file
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for a in arrays.values():
@@ -242,6 +279,7 @@ def write_sharded_safetensors(
 ) -> list[str]:
     """Write ``state_dict`` as ``model-0000i-of-0000n.safetensors`` shards plus the index.
 
+    Every file is written atomically (temporary file + rename), the index after the shards.
     Tensors fill shards in order; a shard is closed when the next tensor would push
     it past ``max_shard_bytes`` (one oversized tensor gets a shard of its own).
     Returns the shard file names. With a single shard it still writes the index form.
@@ -265,6 +303,6 @@ def write_sharded_safetensors(
         write_safetensors(group, os.path.join(directory, fname), metadata)
         weight_map.update({k: fname for k in group})
     index = {"metadata": {"total_size": int(sum(a.nbytes for a in arrays.values()))}, "weight_map": weight_map}
-    with open(os.path.join(directory, INDEX_FILE), "w") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
+    # The index last: it names only shards that are complete.
+    fileio.atomic_write_text(os.path.join(directory, INDEX_FILE), json.dumps(index, indent=2, sort_keys=True))
     return names

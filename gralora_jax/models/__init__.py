@@ -9,6 +9,7 @@ from gralora_jax.models.auto import MODEL_CLASSES, auto_model, from_pretrained
 from gralora_jax.models.causal_lm import CausalLM
 from gralora_jax.models.decoder import CausalLMOutput
 from gralora_jax.models.generation import generate
+from gralora_jax.models.inputs import check_token_ids
 from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
 from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from gralora_jax.models.losses import chunked_cross_entropy
@@ -19,6 +20,7 @@ __all__ = [
     "MODEL_CLASSES",
     "SUPPORTED_MODEL_TYPES",
     "auto_model",
+    "check_token_ids",
     "chunked_cross_entropy",
     "from_pretrained",
     "generate",

@@ -15,14 +15,16 @@ GQA is native to ``jax.nn.dot_product_attention`` (K/V are not repeated). Its XL
 computes logits in float32 and the softmax in float32, and materialises the ``[B, N, T, S]``
 probabilities (kept for the backward pass); cuDNN's fused (flash) kernel keeps none.
 
-Implementation choice (``implementation``): ``"xla"`` and ``"cudnn"`` force one;
+Implementation choice (``implementation``): ``"xla"``, ``"cudnn"`` and ``"splash"`` force one;
 ``None`` (the models' default) picks cuDNN where it applies -- the default backend is a GPU,
 bf16/fp16 inputs, head_dim a multiple of 8 up to 128, the no-cache path with no boolean key
-mask (causality, sliding window and right-padding lengths are native to cuDNN) -- and XLA
-everywhere else (CPU, TPU, float32, decoding with a cache, left padding). jax's own ``None``
-still means XLA, hence this choice here (:func:`choose_implementation`). ``"splash"`` (opt-in)
-runs the Pallas TPU splash kernel (:mod:`gralora_jax.models.splash`; through the Pallas
-interpreter off TPU) on the no-cache path.
+mask (causality, sliding window and right-padding lengths are native to cuDNN) --, the Pallas
+splash kernel on TPU where it applies -- the no-cache path, sequence length and head_dim
+multiples of 128, and one device or a mesh in context (``jax.set_mesh``) for its ``shard_map``
+(:mod:`gralora_jax.models.splash`) -- and XLA everywhere else (CPU, float32 on GPU, decoding
+with a cache, left padding on GPU, short sequences). jax's own ``None`` still means XLA, hence
+this choice here (:func:`choose_implementation`). Off TPU, ``"splash"`` runs through the Pallas
+interpreter (tests).
 
 Gemma2's logit soft-capping is expressible in neither, so :func:`softcap_attention` is a small
 einsum implementation with the same masking and float32 softmax.
@@ -57,7 +59,7 @@ IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 
 def choose_implementation(requested: Optional[str], q, *, key_mask=None, full_mask=None,
                           backend: Optional[str] = None) -> str:
-    """``"xla"`` or ``"cudnn"`` for one attention call (see the module docstring).
+    """``"xla"``, ``"cudnn"`` or ``"splash"`` for one attention call (see the module docstring).
 
     >>> import jax.numpy as jnp
     >>> q = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
@@ -74,6 +76,8 @@ def choose_implementation(requested: Optional[str], q, *, key_mask=None, full_ma
         return requested
     backend = backend or jax.default_backend()
     head_dim = q.shape[-1]
+    if backend == "tpu":
+        return "splash" if _splash_applies(q, full_mask) else "xla"
     ok = (
         backend == "gpu"
         and q.dtype in _CUDNN_DTYPES
@@ -83,6 +87,14 @@ def choose_implementation(requested: Optional[str], q, *, key_mask=None, full_ma
         and full_mask is None
     )
     return "cudnn" if ok else "xla"
+
+
+def _splash_applies(q, full_mask) -> bool:
+    """The splash kernel's conditions (module docstring) for an automatic choice on TPU."""
+    from gralora_jax.models.splash import context_mesh
+
+    return (full_mask is None and q.shape[1] % 128 == 0 and q.shape[-1] % 128 == 0
+            and (jax.device_count() == 1 or context_mesh() is not None))
 
 
 def _full_mask(q_len, kv_len, window, key_mask):
@@ -117,10 +129,11 @@ def attention(
     """
     implementation = choose_implementation(implementation, q, key_mask=key_mask, full_mask=full_mask)
     if implementation == "splash":
-        from gralora_jax.models.splash import splash_attention
+        from gralora_jax.models.splash import sharded_splash_attention
 
-        return splash_attention(q, k, v, scale=scale, window=window, key_mask=key_mask, kv_lengths=kv_lengths,
-                                softcap=softcap, interpret=jax.default_backend() != "tpu")
+        return sharded_splash_attention(q, k, v, scale=scale, window=window, key_mask=key_mask,
+                                        kv_lengths=kv_lengths, softcap=softcap,
+                                        interpret=jax.default_backend() != "tpu")
     if softcap is not None:
         if full_mask is None:
             full_mask = _full_mask(q.shape[1], k.shape[1], window, key_mask)

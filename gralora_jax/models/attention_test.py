@@ -8,6 +8,7 @@ import pytest
 from gralora_jax.models import attention as att
 
 Q_BF16 = jnp.zeros((2, 8, 4, 64), jnp.bfloat16)
+Q_SPLASH = jnp.zeros((1, 128, 4, 128), jnp.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -24,9 +25,10 @@ Q_BF16 = jnp.zeros((2, 8, 4, 64), jnp.bfloat16)
         (None, Q_BF16, {"full_mask": jnp.ones((2, 1, 8, 8), bool)}, "gpu", "xla"),
         ("xla", Q_BF16, {}, "gpu", "xla"),
         ("cudnn", Q_BF16.astype(jnp.float32), {}, "cpu", "cudnn"),  # forced: jax raises if unsupported
-        ("splash", Q_BF16, {}, "cpu", "splash"),  # opt-in, never automatic
+        ("splash", Q_BF16, {}, "cpu", "splash"),  # forced
         ("splash", Q_BF16, {"full_mask": jnp.ones((2, 1, 8, 8), bool)}, "tpu", "xla"),  # no cache form
-        (None, Q_BF16, {}, "tpu", "xla"),
+        (None, Q_BF16, {}, "tpu", "xla"),  # T=8, head_dim 64: not the kernel's blocks
+        (None, Q_SPLASH, {"full_mask": jnp.ones((1, 1, 128, 128), bool)}, "tpu", "xla"),  # decoding with a cache
     ],
 )
 def test_choose_implementation(requested, q, kw, backend, expected):
@@ -135,3 +137,4 @@ def test_splash_in_a_model_matches_the_default_path():
     want = base(ids, params=params).logits
     got = CausalLM(cfg, attn_implementation="splash")(ids, params=params).logits
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+

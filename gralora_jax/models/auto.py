@@ -36,12 +36,9 @@ assert set(MODEL_CLASSES) == set(SUPPORTED_MODEL_TYPES)
 
 def _load_config(config_or_dir: Any):
     if isinstance(config_or_dir, (str, os.PathLike)):
-        from transformers import AutoConfig
+        from gralora_jax.loading.pretrained import load_config  # one reader of config.json (validated, no remote code)
 
-        path = os.fspath(config_or_dir)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"no config.json in {path!r}")
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return load_config(os.fspath(config_or_dir))
     if isinstance(config_or_dir, dict):
         from transformers import AutoConfig
 

@@ -11,6 +11,11 @@ and optionally parameters (``.params``), and is called like ``FlaxLlamaForCausal
 ``compute_logits=False`` skips the vocabulary projection and returns
 ``out.last_hidden_state`` for a chunked loss (:mod:`gralora_jax.models.losses`) with
 ``model.lm_head_kernel(params)``.
+
+Token ids given on the host (numpy, lists) are checked against the vocabulary and an
+out-of-range id raises ``ValueError``; inside ``jit`` nothing can raise, and an id
+``>= vocab_size`` gives NaN logits while a negative one counts from the end
+(:mod:`gralora_jax.models.inputs`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from gralora_jax.models.decoder import CausalLMModule, init_cache
+from gralora_jax.models.inputs import check_token_ids
 from gralora_jax.models.spec import spec_from_hf_config
 
 
@@ -118,6 +124,7 @@ class CausalLM:
             raise ValueError("no params: pass params=... or set model.params (e.g. from init_params/from_pretrained)")
         if kwargs:
             raise ValueError(f"unsupported arguments: {sorted(kwargs)}")
+        check_token_ids(input_ids, self.spec.vocab_size)  # host inputs only; traced ids pass (see models.inputs)
         out = self.apply(params, input_ids, attention_mask, position_ids, dropout_rng=dropout_rng, train=train,
                          output_hidden_states=output_hidden_states, compute_logits=compute_logits)
         if not return_dict:

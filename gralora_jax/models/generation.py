@@ -31,6 +31,8 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from gralora_jax.models.inputs import check_token_ids
+
 NEG = -1.0e9  # transformers' "impossible" score
 
 
@@ -197,6 +199,9 @@ def generate(
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    spec = getattr(model, "spec", None)
+    if spec is not None:
+        check_token_ids(input_ids, spec.vocab_size)  # host prompts: an out-of-range id raises here
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, prompt_len], got shape {input_ids.shape}")

@@ -3,6 +3,9 @@
 ``scan_layers=True`` models keep one stacked copy of every layer leaf with a leading
 layer axis. Checkpoints, PEFT adapters and the surgery all use the unrolled layout, so
 convert at the boundary. Any leaf under a layer is stacked, adapter leaves included.
+Paths are named the same way: a scanned module ``model/layers/scan/mlp/up_proj`` stands for
+the unrolled modules ``model/layers/<i>/mlp/up_proj`` (:func:`layer_path`), which is how
+target matching and PEFT keys see it.
 
 >>> import numpy as np
 >>> p = {"model": {"layers": {"0": {"w": np.zeros(2)}, "1": {"w": np.ones(2)}}, "norm": {"weight": 1}}}
@@ -20,6 +23,39 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+SCAN = "scan"  # name of the nn.scan sub-module that holds the stacked layers (under model/layers)
+_SCAN_SEGMENT = "/layers/" + SCAN + "/"
+
+
+def is_scanned_path(path: str) -> bool:
+    """True for a ``/``-joined path inside the stacked layers (``model/layers/scan/...``).
+
+    >>> is_scanned_path("model/layers/scan/self_attn/q_proj"), is_scanned_path("model/layers/3/mlp")
+    (True, False)
+    """
+    return _SCAN_SEGMENT in "/" + path + "/"
+
+
+def layer_path(path: str, i: int) -> str:
+    """The unrolled path of layer ``i`` of a scanned path.
+
+    >>> layer_path("model/layers/scan/self_attn/q_proj", 3)
+    'model/layers/3/self_attn/q_proj'
+    """
+    if not is_scanned_path(path):
+        raise ValueError(f"{path!r} is not a path inside scanned layers (.../layers/{SCAN}/...)")
+    head, tail = ("/" + path + "/").split(_SCAN_SEGMENT, 1)
+    return f"{head}/layers/{i}/{tail}".strip("/")
+
+
+def is_scanned(params: Mapping) -> bool:
+    """True when ``params`` holds stacked layers (``model/layers/scan``)."""
+    try:
+        return SCAN in params["model"]["layers"]
+    except (KeyError, TypeError):
+        return False
 
 
 def _layers(params: Mapping) -> Mapping:

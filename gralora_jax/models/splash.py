@@ -9,19 +9,29 @@ segment 1, padding segment 0), which is exact for either padding side; Gemma2's 
 soft-capping is native to the kernel. ``interpret=True`` runs the same kernel through the
 Pallas interpreter on any backend (how the tests check it on CPU).
 
-Selected with ``attn_implementation="splash"``. Limits: the sequence length must be a multiple
-of 128 (the kernel's block size); the kernel is one device's computation: inside ``jit`` over a
-multi-device mesh XLA cannot partition a Pallas call, so prefer it per device (e.g. inside
-``shard_map``) or on one chip; it is not chosen automatically. Checked here in interpret mode
-only (no TPU in this project's CI).
+The kernel is one device's computation, and XLA cannot partition a Pallas call inside ``jit``
+over a mesh. :func:`sharded_splash_attention` therefore runs it under ``shard_map`` over the
+mesh in context (``with jax.set_mesh(mesh):``, what the commonsense CLI does around training and
+evaluation): the batch axis is split over the mesh's data axes (``data``, ``fsdp``) and the heads
+over ``model`` (query heads stay with their KV head: ``N = K * G`` heads are split in
+contiguous groups), so every device runs the kernel on its own rows and heads, with no
+communication. Axes that do not divide the batch or the KV heads are left whole (those devices
+then repeat the work). Without a mesh in context it is the plain per-device call.
+
+Selected with ``attn_implementation="splash"``, and automatically on TPU (``None``) where it
+applies: no KV cache, sequence length and head_dim multiples of 128, and one device or a mesh in
+context (see :func:`gralora_jax.models.attention.choose_implementation`). Checked here in
+interpret mode only (no TPU in this project's CI).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 BLOCK_CHOICES = (512, 256, 128)
 
@@ -77,3 +87,45 @@ def splash_attention(q, k, v, *, scale: float, window: Optional[int] = None, key
         per_head = lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=sk.SegmentIds(q=s_, kv=s_))
         out = jax.vmap(jax.vmap(per_head, in_axes=(0, 0, 0, None)))(qg, kt, vt, seg)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
+def context_mesh():
+    """The mesh set with ``jax.set_mesh`` (concrete or abstract) when it has several devices, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) <= 1:
+        return None
+    return mesh
+
+
+def _split_axes(mesh, names, dim: int):
+    """The axes among ``names`` (present, size > 1) whose product divides ``dim``, as a spec entry."""
+    axes = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1)
+    if not axes or dim % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def sharded_splash_attention(q, k, v, *, scale: float, window: Optional[int] = None, key_mask=None,
+                             kv_lengths=None, softcap: Optional[float] = None, interpret: bool = False, mesh=None):
+    """:func:`splash_attention` under ``shard_map`` over ``mesh`` (default: the mesh in context):
+    batch over the data axes, heads over ``model``; the plain call when there is no mesh."""
+    from gralora_jax.sharding import BATCH_AXES
+
+    mesh = mesh if mesh is not None else context_mesh()
+    kw = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
+    if mesh is None:
+        return splash_attention(q, k, v, key_mask=key_mask, kv_lengths=kv_lengths, **kw)
+    b = _split_axes(mesh, BATCH_AXES, q.shape[0])
+    h = _split_axes(mesh, ("model",), k.shape[2])
+    qkv = P(b, None, h, None)
+    extra, extra_specs = {}, {}
+    if key_mask is not None:
+        extra["key_mask"], extra_specs["key_mask"] = key_mask, P(b, *([None] * (key_mask.ndim - 1)))
+    if kv_lengths is not None:
+        extra["kv_lengths"], extra_specs["kv_lengths"] = kv_lengths, P(b)
+
+    def local(q, k, v, extra):
+        return splash_attention(q, k, v, **extra, **kw)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, extra_specs), out_specs=qkv,
+                         check_vma=False)(q, k, v, extra)
