@@ -366,7 +366,7 @@ def select_causal_lm_loss(gralora_model, loss: str = "auto", params=None) -> str
 
 
 def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False, loss: str = "auto",
-                           chunk_size: int = 1024) -> LossFn:
+                           chunk_size: int = 1024, right_padded: bool = False) -> LossFn:
     """``loss_fn`` for a :class:`gralora_jax.surgery.GraLoRAModel` (or anything with
     ``logits_fn(params, input_ids, attention_mask, *, dropout_rng, train)``).
 
@@ -381,6 +381,13 @@ def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False, loss: 
     :mod:`gralora_jax.models` unless ``lm_head`` carries an adapter, else "full" (transformers'
     Flax models, objects with only ``logits_fn``); see :func:`select_causal_lm_loss`. The choice
     is ``loss_fn.loss``; it is checked again against the params each call traces with.
+
+    ``right_padded=True`` promises that every batch is right-padded (each row's real tokens
+    first, as :func:`experiments.commonsense.data.pad_batch` writes them). Under causal attention
+    a real token then never attends to the padding after it, so the model runs without the
+    attention mask (same outputs at every real position, hence the same loss and gradients) and
+    the mask only selects the loss tokens. Measured on an H200 (Llama-3.2-1B shape, batch
+    16 x 256, scanned layers): 95.5 ms -> 81.3 ms a step.
     """
     check_chunk_size(chunk_size)
     kind = select_causal_lm_loss(gralora_model, loss)
@@ -389,6 +396,8 @@ def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False, loss: 
         ids = batch["input_ids"]
         attn = batch.get("attention_mask")
         lmask = batch.get("loss_mask", attn)
+        if right_padded:
+            attn = None  # causal attention already hides the trailing padding from every real token
         dropout_rng = rng if train else None
         use = kind
         if kind == "chunked" and _adapted_heads(params):

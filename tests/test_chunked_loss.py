@@ -195,3 +195,26 @@ def test_auto_checks_the_params_it_is_called_with(llama, headed):
     with pytest.raises(ValueError, match="lm_head"):
         strict = make_causal_lm_loss_fn(llama, loss="chunked")
         jax.eval_shape(lambda p: strict(p, batch, None, False), headed.params)
+
+
+@pytest.mark.parametrize("loss", ["full", "chunked"])
+def test_right_padded_drops_the_attention_mask_exactly(llama, loss):
+    # _batch() pads row 1 on the right: under causal attention no real token sees that padding, so
+    # running the model without the mask gives the masked model's loss and gradients.
+    masked = _value_and_grads(llama, loss)
+    unmasked = _value_and_grads(llama, loss, right_padded=True)
+    assert unmasked[1] == masked[1]
+    assert unmasked[0] == pytest.approx(masked[0], rel=1e-6)
+    for p, g in masked[2].items():
+        np.testing.assert_allclose(np.asarray(unmasked[2][p]), np.asarray(g), atol=1e-6, rtol=1e-6, err_msg=p)
+
+
+def test_right_padded_is_wrong_for_left_padding(llama):
+    # the control: with the padding on the left, real tokens do attend to it without the mask
+    batch = _batch()
+    attn = np.ones((B, T), np.int32)
+    attn[1, :2] = 0
+    batch = {**batch, "attention_mask": jnp.asarray(attn), "loss_mask": jnp.asarray(attn)}
+    masked = _loss(make_causal_lm_loss_fn(llama), llama.params, batch)
+    unmasked = _loss(make_causal_lm_loss_fn(llama, right_padded=True), llama.params, batch)
+    assert abs(masked - unmasked) > 1e-4

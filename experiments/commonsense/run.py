@@ -367,7 +367,7 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
             "user": {"experiment": "commonsense", "method": cfg.method, "resume_guard": guard}}
     # The trainer donates its trainable leaves each step: give it copies so adapted.params stays usable.
     params = jax.tree_util.tree_map(lambda m, x: jnp.copy(x) if m else x, adapted.mask, adapted.params)
-    trainer = Trainer(loss_fn=make_causal_lm_loss_fn(adapted.gm, model_dropout=False), params=params,
+    trainer = Trainer(loss_fn=make_causal_lm_loss_fn(adapted.gm, right_padded=True), params=params,
                       mask=adapted.mask, optim=optim, config=tcfg, mesh=inputs.mesh, param_specs=adapted.specs,
                       checkpoint_meta=meta)
     if cfg.resume and trainer.restore(it):
