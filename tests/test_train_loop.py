@@ -17,7 +17,7 @@ import pytest
 
 from gralora_jax import fileio
 from gralora_jax import tree as tree_lib
-from gralora_jax.checkpoint import Checkpointer, CorruptCheckpointError, check_resume_guard
+from gralora_jax.checkpoint import Checkpointer, CorruptCheckpointError, compare_resume_guard
 from gralora_jax.optim import make_optimizer
 from gralora_jax.sharding import make_mesh, param_partition_specs
 from gralora_jax.train import (EXIT_CODES, TrainConfig, Trainer, TrainingDiverged, exit_code, init_train_state,
@@ -265,7 +265,7 @@ def test_resume_guard_batch_size_rows_and_wall_time(params, mesh, tmp_path):
     assert Trainer.check_resume_guard(str(tmp_path), guard) == 3
     changed = {**guard, "max_steps": 12, "lr": 2e-2, "warmup_ratio": 0.1}
     with pytest.raises(ValueError) as e:
-        check_resume_guard(tmp_path / "checkpoints", changed)
+        compare_resume_guard(tmp_path / "checkpoints", changed)
     msg = str(e.value).split("since that checkpoint:")[1]
     assert "\n" not in str(e.value) and "(step 3)" in str(e.value)
     assert "lr 0.01 -> 0.02" in msg and "max_steps 6 -> 12" in msg and "warmup_ratio '<unset>' -> 0.1" in msg
