@@ -296,13 +296,19 @@ def test_resume_guard_batch_size_rows_and_wall_time(params, mesh, tmp_path):
 
 
 def test_progress_bar_only_on_a_terminal(params, mesh, monkeypatch):
+    import dataclasses
+
     class Tty(io.StringIO):
         def isatty(self):
             return True
 
+    tr = _trainer(params, mesh, steps=4, log_every=2)
+    fresh = jax.tree.map(jax.numpy.copy, tr.state)  # fit donates the state: start each run from a copy
     for stream, enabled, shown in ((Tty(), True, True), (io.StringIO(), True, False), (Tty(), False, False)):
         monkeypatch.setattr("sys.stderr", stream)
-        _trainer(params, mesh, steps=4, log_every=2, progress=enabled).fit(ToyData())
+        tr.config = dataclasses.replace(tr.config, progress=enabled)
+        tr.state = jax.tree.map(jax.numpy.copy, fresh)
+        tr.fit(ToyData())
         text = stream.getvalue()
         assert (("4/4" in text) and ("loss=" in text) and ("tok/s=" in text)) == shown, text
 
