@@ -37,7 +37,7 @@ main1b)
   lanes \
     "python3 -m benchmarks.attention_check --json $OUT/attn_check.json > $OUT/attn_check.log 2>&1 || A='--attn xla'
      $B1 \${A:-} --measure-matmul --methods lora,gralora4,frozen,gralora2,gralora4h16,full --out $OUT/l0_1b
-     $B1 \${A:-} --contraction remat --methods lora,gralora4 --out $OUT/l0_1b_remat" \
+     $B1 \${A:-} --layout vjp --methods gralora4,gralora4h16 --out $OUT/l0_1b_vjp" \
     "$B1 --methods peft_lora,peft_gralora4,peft_frozen,peft_gralora2,peft_gralora4h16 --out $OUT/l1_1b_peft
      $B --shape 8b --steps 5 --warmup 2 --timeout 200 --remat full --methods gralora4,lora --out $OUT/l1_8b_remat"
   # one table with the ratios: python -m benchmarks.train_throughput --shape 1b --loss chunked \
@@ -56,11 +56,12 @@ hf)
         "$B --shape 8b --batch 2 --steps 5 --warmup 2 --timeout 200 --methods lora,hf_lora --out $OUT/l1_8b_b2_hf"
   ;;
 layouts)
-  lanes "$B1 --contraction unrolled --methods gralora4,gralora4h16 --out $OUT/v_unrolled
-         $B1 --contraction concat --methods gralora4,gralora2,gralora4h16 --out $OUT/v_concat" \
-        "$B1 --contraction mixed --methods gralora4 --out $OUT/v_mixed
-         $B1 --methods lora --out $OUT/v_lora
-         $B1 --contraction jfirst_unrolled --methods gralora4,gralora2,gralora4h16 --out $OUT/v_jfirst_unrolled"
+  # the same function in every layout (gralora_jax.layers.BLOCK_LAYOUTS); LoRA as the reference in each lane
+  lanes "$B1 --methods lora --out $OUT/v_lora0
+         $B1 --layout vjp --methods gralora4,gralora2,gralora4h16 --out $OUT/v_vjp" \
+        "$B1 --methods lora --out $OUT/v_lora1
+         $B1 --layout batched --methods gralora4,gralora2,gralora4h16 --out $OUT/v_batched
+         $B1 --layout concat --methods gralora4,gralora2,gralora4h16 --out $OUT/v_concat"
   ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

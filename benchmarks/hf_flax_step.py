@@ -114,7 +114,7 @@ def run_hf(
     mesh: str = "1x1",
     loss: str = "full",
     attn: Optional[str] = None,
-    contraction: str = "library",
+    layout: Optional[str] = None,
     seed: int = 0,
     profile_dir: Optional[str] = None,
 ) -> dict:
@@ -133,7 +133,7 @@ def run_hf(
         model, shapes_, shape, method, mesh_,
         hidden=lambda forward: (lambda p, ids: forward(ids, params=p, output_hidden_states=True).hidden_states[-1]),
         head_kernel=lambda p: p["lm_head"]["kernel"], batch=batch, seq=seq, steps=steps, warmup=warmup, loss=loss,
-        contraction=contraction, seed=seed, profile_dir=profile_dir, t_setup=t_setup, phases=phases)
+        layout=layout, seed=seed, profile_dir=profile_dir, t_setup=t_setup, phases=phases)
     res["versions"]["transformers"] = transformers.__version__
     res["versions"]["transformers_dir"] = os.path.dirname(transformers.__file__)  # did --hf-pythonpath apply?
     res["hf_notes"] = "FlaxLlamaForCausalLM: untied lm_head, rope base 10000, max_position_embeddings=max(seq, 2*head_dim)"

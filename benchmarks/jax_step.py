@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import contractions
 from benchmarks.shapes import PROJECTIONS as PROJ, Method, Shape
 
 
@@ -83,13 +82,16 @@ def adapter_config(method: Method):
     raise ValueError(f"{method.name} trains no adapters")
 
 
-def apply_method(model, params, method: Method, seed: int):
+def apply_method(model, params, method: Method, seed: int, layout: Optional[str] = None):
     """``(forward, params, mask)``: ``get_gralora_model`` for adapter methods (forward is the
-    :class:`GraLoRAModel`, mask its trainable mask), else the bare model and an all-True mask."""
+    :class:`GraLoRAModel`, mask its trainable mask), else the bare model and an all-True mask.
+    ``layout``: GraLoRA's ``block_layout`` (None: the library default)."""
+    from gralora_jax import layers
     from gralora_jax.surgery import get_gralora_model
 
     if method.trains_adapters:
-        gm = get_gralora_model(model, adapter_config(method), params=params, rng=jax.random.PRNGKey(seed + 1))
+        gm = get_gralora_model(model, adapter_config(method), params=params, rng=jax.random.PRNGKey(seed + 1),
+                               block_layout=layout or layers.DEFAULT_BLOCK_LAYOUT)
         return gm, gm.params, gm.trainable_mask()
     return model, params, jax.tree.map(lambda _: True, params)
 
@@ -156,7 +158,6 @@ def time_method(
     *,
     steps: int,
     warmup: int,
-    contraction: str = "library",
     profile_dir: Optional[str] = None,
     t_setup: float,
     phases: dict,
@@ -178,38 +179,37 @@ def time_method(
     flat_mask = tree_lib.flatten(mask)
     n_train = sum(int(np.prod(v.shape)) for p, v in tree_lib.flatten(params).items() if flat_mask[p])
 
-    with contractions.use(contraction):
-        if method.kind == "frozen":
-            fn = jax.jit(lambda p, b: loss_fn(p, b, None, False)[0])
-            args = (params, data)
-            t0 = time.perf_counter()
-            compiled = fn.lower(*args).compile()
-            compile_s = time.perf_counter() - t0
+    if method.kind == "frozen":
+        fn = jax.jit(lambda p, b: loss_fn(p, b, None, False)[0])
+        args = (params, data)
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - t0
 
-            def run_once(args):
-                return compiled(*args), args
-        else:
-            optimizer = make_optimizer(
-                OptimConfig(optimizer="adamw", learning_rate=1e-5, total_steps=10_000, schedule="constant",
-                            max_grad_norm=0.0),
-                params,
-                None if method.kind == "full" else mask,
-            )
-            step = make_train_step(loss_fn, optimizer, mask, mesh_, specs, params)
-            t_phase = time.perf_counter()
-            state, frozen = init_train_state(params, mask, optimizer, mesh_, specs)
-            jax.block_until_ready((state, frozen))
-            phases["train_state"] = time.perf_counter() - t_phase
-            del params
-            args = (state, frozen, data)
-            t0 = time.perf_counter()
-            compiled = step.jitted.lower(*args).compile()
-            compile_s = time.perf_counter() - t0
+        def run_once(args):
+            return compiled(*args), args
+    else:
+        optimizer = make_optimizer(
+            OptimConfig(optimizer="adamw", learning_rate=1e-5, total_steps=10_000, schedule="constant",
+                        max_grad_norm=0.0),
+            params,
+            None if method.kind == "full" else mask,
+        )
+        step = make_train_step(loss_fn, optimizer, mask, mesh_, specs, params)
+        t_phase = time.perf_counter()
+        state, frozen = init_train_state(params, mask, optimizer, mesh_, specs)
+        jax.block_until_ready((state, frozen))
+        phases["train_state"] = time.perf_counter() - t_phase
+        del params
+        args = (state, frozen, data)
+        t0 = time.perf_counter()
+        compiled = step.jitted.lower(*args).compile()
+        compile_s = time.perf_counter() - t0
 
-            def run_once(args):
-                state_, frozen_, data_ = args
-                new_state, metrics = compiled(state_, frozen_, data_)
-                return metrics["loss"], (new_state, frozen_, data_)
+        def run_once(args):
+            state_, frozen_, data_ = args
+            new_state, metrics = compiled(state_, frozen_, data_)
+            return metrics["loss"], (new_state, frozen_, data_)
 
     mem = compiled.memory_analysis()
     setup_s = time.perf_counter() - t_setup - compile_s
@@ -261,7 +261,7 @@ def run_jax(
     mesh: str = "1x1",
     loss: str = "full",
     attn: Optional[str] = None,
-    contraction: str = "library",
+    layout: Optional[str] = None,
     seed: int = 0,
     profile_dir: Optional[str] = None,
 ) -> dict:
@@ -278,12 +278,13 @@ def run_jax(
     return build_and_time(model, model, shape, method, mesh_, hidden=lambda forward: (
         lambda p, ids: forward(ids, params=p, compute_logits=False).last_hidden_state),
         head_kernel=model.lm_head_kernel, batch=batch, seq=seq, steps=steps, warmup=warmup, loss=loss,
-        contraction=contraction, seed=seed, profile_dir=profile_dir, t_setup=t_setup, phases={})
+        layout=layout, seed=seed, profile_dir=profile_dir, t_setup=t_setup, phases={})
 
 
 def build_and_time(model, shape_tree_holder, shape: Shape, method: Method, mesh_, *, hidden: Callable,
                    head_kernel: Callable, batch: int, seq: int, steps: int, warmup: int, loss: str,
-                   contraction: str, seed: int, profile_dir: Optional[str], t_setup: float, phases: dict) -> dict:
+                   layout: Optional[str], seed: int, profile_dir: Optional[str], t_setup: float,
+                   phases: dict) -> dict:
     """Random base weights (llama sharding rules), the method's surgery, the loss, a random batch,
     then :func:`time_method`. ``hidden(forward)`` returns ``(params, ids) -> final hidden state``;
     ``shape_tree_holder.params_shape_tree`` gives the base tree. Shared by ours and FlaxLlama."""
@@ -295,11 +296,11 @@ def build_and_time(model, shape_tree_holder, shape: Shape, method: Method, mesh_
     jax.block_until_ready(params)
     phases["init_params"] = time.perf_counter() - t_phase
     t_phase = time.perf_counter()
-    forward, params, mask = apply_method(model, params, method, seed)
+    forward, params, mask = apply_method(model, params, method, seed, layout)
     loss_fn = make_loss_fn(loss, logits=lambda p, ids: forward(ids, params=p).logits, hidden=hidden(forward),
                            head_kernel=head_kernel)
     data = random_batch(shape, batch, seq, seed, mesh_)
     jax.block_until_ready(params)
     phases["surgery"] = time.perf_counter() - t_phase
     return time_method(method, loss_fn, params, mask, data, mesh_, steps=steps, warmup=warmup,
-                       contraction=contraction, profile_dir=profile_dir, t_setup=t_setup, phases=phases)
+                       profile_dir=profile_dir, t_setup=t_setup, phases=phases)

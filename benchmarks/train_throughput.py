@@ -40,6 +40,8 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+from gralora_jax.layers import BLOCK_LAYOUTS, DEFAULT_BLOCK_LAYOUT
+
 from benchmarks.shapes import (SHAPES, default_peak, hf_unsupported, parse_method, train_flops_per_token,
                                trainable_params)
 
@@ -62,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--loss", default="full", choices=("full", "chunked", "rows"),
                     help="our loss: full logits, chunked CE over the flattened batch, or per row (the library's)")
     ap.add_argument("--attn", default=None, choices=(None, "xla", "cudnn"), help="our attention implementation")
-    ap.add_argument("--contraction", default="library", help="our adapter arithmetic (benchmarks.contractions)")
+    ap.add_argument("--layout", default=DEFAULT_BLOCK_LAYOUT, choices=BLOCK_LAYOUTS,
+                    help="GraLoRA block_layout of our methods (gralora_jax.layers.BLOCK_LAYOUTS)")
     ap.add_argument("--peft", dest="peft", action="store_true", default=None)
     ap.add_argument("--no-peft", dest="peft", action="store_false")
     ap.add_argument("--hf", action="store_true", help="also run hf_<m> (transformers FlaxLlama) after each method")
@@ -144,7 +147,7 @@ def run_worker(args) -> dict:
 
         prof = os.path.join(args.profile_dir, method.name) if method.name in args.profile.split(",") else None
         res = run(shape, method, mesh=args.mesh, loss=args.loss, attn=args.attn,
-                  contraction=args.contraction, profile_dir=prof, **common)
+                  layout=args.layout, profile_dir=prof, **common)
         if prof:
             from benchmarks.trace_summary import summarize
 
@@ -157,7 +160,7 @@ def run_worker(args) -> dict:
 def _child_argv(args, method: str) -> list[str]:
     argv = [sys.executable, "-m", "benchmarks.train_throughput", "--worker", method]
     for flag in ("shape", "batch", "seq", "steps", "warmup", "rank", "alpha", "remat", "mesh", "loss",
-                 "contraction", "profile", "profile_dir"):
+                 "layout", "profile", "profile_dir"):
         argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.attn:
         argv += ["--attn", args.attn]
@@ -293,7 +296,8 @@ def markdown(report: dict) -> str:
     extra_head, extra_rule = (" ours vs HF Flax (tokens/s, compile) |", "---|") if hf else ("", "")
     lines = [
         f"### {meta['shape']} ({meta['reference']}), batch {meta['batch']} x {meta['seq']} tokens, "
-        f"mesh {meta['mesh']}, remat {meta['remat']}, loss {meta['loss']}, contraction {meta['contraction']}",
+        f"mesh {meta['mesh']}, remat {meta['remat']}, loss {meta['loss']}, "
+        f"layout {meta.get('layout', meta.get('contraction'))}",
         "",
         f"{meta['date']} · {meta['device_kind']} x{meta['devices']} · MFU vs {meta['peak_tflops']:.1f} TFLOP/s"
         + (f" · measured bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s" if meta.get("matmul_tflops") else "")
@@ -394,7 +398,7 @@ def _report(args, results: list) -> dict:
         "mesh": args.mesh,
         "loss": args.loss,
         "attn": args.attn,
-        "contraction": args.contraction,
+        "layout": args.layout,
         "device_kind": device_kind,
         "devices": max((r.get("devices", 1) for r in ok), default=1),
         "peak_tflops": peak / 1e12,

@@ -265,7 +265,7 @@ class _Visits:
             self.frames[-1].add("/".join(module.scope.path))
 
 
-def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout: str = "batched",
+def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout: str = layers.DEFAULT_BLOCK_LAYOUT,
                  visits: Optional[_Visits] = None) -> Callable:
     visits = _Visits() if visits is None else visits
 
@@ -312,7 +312,7 @@ class GraLoRAModel:
     """
 
     def __init__(self, model, config: AdapterConfig, params: Mapping[str, Any], layouts: Mapping[str, str],
-                 block_layout: str = "batched"):
+                 block_layout: str = layers.DEFAULT_BLOCK_LAYOUT):
         self.model = model
         self.config = config
         self.params = params
@@ -467,7 +467,7 @@ class GraLoRAModel:
         params=None,
         authors_convention: bool = False,
         adapter_dtype=jnp.float32,
-        block_layout: str = "batched",
+        block_layout: str = layers.DEFAULT_BLOCK_LAYOUT,
     ) -> "GraLoRAModel":
         """Load a PEFT GraLoRA (or LoRA) adapter onto ``model``.
 
@@ -513,7 +513,7 @@ def get_gralora_model(
     params=None,
     rng: Optional[jax.Array] = None,
     adapter_dtype=jnp.float32,
-    block_layout: str = "batched",
+    block_layout: str = layers.DEFAULT_BLOCK_LAYOUT,
 ) -> GraLoRAModel:
     """PEFT's ``get_peft_model`` for Flax: insert adapters, return a :class:`GraLoRAModel`.
 
@@ -521,8 +521,8 @@ def get_gralora_model(
     or one of :mod:`gralora_jax.models`; ``params`` defaults to ``model.params``. With
     ``config.target_modules=None`` the model type's PEFT default is used (``q_proj``/``v_proj``
     for Llama, ``c_attn`` for GPT-2, ...). For T5 models :func:`gralora_jax.quirks.patch_t5_clip`
-    is applied first. ``block_layout`` ("batched", the fastest, or "concat", the most
-    memory-lean; same function) is how GraLoRA's block contraction is laid out, see
+    is applied first. ``block_layout`` (one of :data:`gralora_jax.layers.BLOCK_LAYOUTS`; same
+    function, different memory and speed) is how GraLoRA's block contraction is arranged, see
     :func:`gralora_jax.layers.gralora_blocks`.
     """
     _check_block_layout(block_layout)

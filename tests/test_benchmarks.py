@@ -1,6 +1,6 @@
 """CPU smoke test of benchmarks/: the throughput command on the tiny shape, plus the
 arithmetic it reports (parameter counts against the published model sizes, FLOP formula
-by hand, the exact alternative contraction, the trace summariser, the ratios)."""
+by hand, the trace summariser, the ratios)."""
 
 import gzip
 import json
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import contractions, shapes, trace_summary, train_throughput
+from benchmarks import shapes, trace_summary, train_throughput
 from gralora_jax import layers
 
 
@@ -22,6 +22,22 @@ def tiny_report(tmp_path_factory):
         "--methods", "frozen,lora,gralora2", "--no-peft", "--inprocess", "--out", str(out),
     ])
     return out, report
+
+
+def test_layout_by_name_runs_the_same_step(tiny_report, tmp_path):
+    """``--layout vjp`` (the custom-VJP contraction) trains the same model to the same loss as
+    the default layout of the fixture's run (same seed, same weights)."""
+    _, default = tiny_report
+    report = train_throughput.main([
+        "--shape", "tiny", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
+        "--methods", "gralora2", "--layout", "vjp", "--no-peft", "--inprocess", "--out", str(tmp_path / "vjp"),
+    ])
+    assert report["meta"]["layout"] == "vjp" and default["meta"]["layout"] == layers.DEFAULT_BLOCK_LAYOUT
+    assert "layout vjp" in (tmp_path / "vjp.md").read_text()
+    want = next(r for r in default["results"] if r["method"] == "gralora2")
+    assert report["results"][0]["loss"] == pytest.approx(want["loss"], rel=2e-3)
+    argv = train_throughput._child_argv(train_throughput._parser().parse_args(["--layout", "concat"]), "gralora4")
+    assert argv[argv.index("--layout") + 1] == "concat"
 
 
 def test_tiny_run_writes_json_and_markdown(tiny_report):
@@ -68,23 +84,6 @@ def test_flop_formula_by_hand():
 def test_bad_method_names(bad):
     with pytest.raises(ValueError):
         shapes.parse_method(bad, rank=64, alpha=128)
-
-
-@pytest.mark.parametrize("name, fn", [("unrolled", contractions.gralora_blocks_unrolled),
-                                      ("mixed", contractions.gralora_blocks_mixed),
-                                      ("jfirst", contractions.gralora_blocks_jfirst),
-                                      ("jfirst_unrolled", contractions.gralora_blocks_jfirst_unrolled)])
-def test_alternative_contractions_are_exact(name, fn):
-    p = layers.init_gralora_adapter(jax.random.PRNGKey(0), 48, 32, r=8, k=4, init_weights=False)
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 48))
-    ref = np.einsum("...ni,nijs,jnso->...jo", np.asarray(x).reshape(2, 5, 4, 12),
-                    np.asarray(p["gralora_A"]).reshape(4, 12, 4, 2),
-                    np.asarray(p["gralora_B"]).reshape(4, 4, 2, 8)).reshape(2, 5, 32)
-    got = fn(x, p["gralora_A"], p["gralora_B"], jax.lax.Precision.HIGHEST)
-    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
-    with contractions.use(name):
-        assert layers.gralora_blocks is fn
-    assert layers.gralora_blocks is not fn
 
 
 def test_trace_summary_on_synthetic_trace(tmp_path):
