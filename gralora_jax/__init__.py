@@ -25,7 +25,7 @@ from gralora_jax.optim import OptimConfig, make_optimizer
 from gralora_jax.sharding import make_mesh, param_partition_specs
 from gralora_jax.train import (EXIT_CODES, TrainConfig, Trainer, TrainingDiverged, exit_code, make_causal_lm_loss_fn,
                                train)
-from gralora_jax.checkpoint import Checkpointer, CorruptCheckpointError, check_resume_guard
+from gralora_jax.checkpoint import Checkpointer, CorruptCheckpointError, compare_resume_guard
 from gralora_jax.hostdevices import ensure_host_devices
 from gralora_jax.distributed import DistributedConfig, gather_to_host, maybe_initialize_distributed, put_global
 
@@ -35,7 +35,7 @@ __all__ = [
     "DistributedConfig",
     "EXIT_CODES",
     "TrainingDiverged",
-    "check_resume_guard",
+    "compare_resume_guard",
     "exit_code",
     "OptimConfig",
     "TrainConfig",

@@ -19,7 +19,7 @@ warns, deletes it and falls back to the previous good step, so keep at least two
 
 A *resume guard* is a caller-chosen dict of settings that must not change across a resume
 (schedule length, learning rate, batch size, ...). It is stored in the metadata and
-:func:`check_resume_guard` compares it with the current one from the metadata alone, before
+:func:`compare_resume_guard` compares it with the current one from the metadata alone, before
 any model or train step exists; :meth:`Checkpointer.restore` checks it too.
 
 >>> ckpt = Checkpointer("/tmp/run/ckpt", keep=2, adapter_config={"r": 8})  # doctest: +SKIP
@@ -120,7 +120,7 @@ class Checkpointer:
     shapes) whose path/shape hash identifies the base (both compared on restore when given).
     ``mesh``: recorded only (restoring onto another mesh is allowed). ``user``: any JSON dict.
     ``resume_guard``: settings that must not change across a resume (see
-    :func:`check_resume_guard`); ``None`` = not checked. After a restore, ``last_meta`` is the
+    :func:`compare_resume_guard`); ``None`` = not checked. After a restore, ``last_meta`` is the
     restored checkpoint's metadata (``progress`` holds what the trainer stored with ``extra``).
     """
 
@@ -339,14 +339,14 @@ def read_latest_metadata(directory) -> dict | None:
         manager.close()
 
 
-def check_resume_guard(directory, guard: Mapping[str, Any]) -> int | None:
+def compare_resume_guard(directory, guard: Mapping[str, Any]) -> int | None:
     """Compare ``guard`` with the resume guard of the newest checkpoint in ``directory``.
 
     Returns that checkpoint's step (``None`` when there is no checkpoint, so nothing to check);
     raises a one-line ``ValueError`` naming each differing key with both values. Reads only
     metadata: call it before loading a model or evaluating.
 
-    >>> check_resume_guard("/nonexistent/checkpoints", {"lr": 1e-3}) is None
+    >>> compare_resume_guard("/nonexistent/checkpoints", {"lr": 1e-3}) is None
     True
     """
     meta = read_latest_metadata(directory)

@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gralora_jax import tree as tree_lib
 from gralora_jax import fileio
-from gralora_jax.checkpoint import MIN_KEEP, Checkpointer, check_resume_guard
+from gralora_jax.checkpoint import MIN_KEEP, Checkpointer, compare_resume_guard
 from gralora_jax.distributed import global_batch_from_local, is_main_process, put_global
 from gralora_jax.losses import causal_lm_loss, check_chunk_size, chunked_causal_lm_loss
 from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
@@ -75,8 +75,9 @@ def exit_code(stop_reason: str | None) -> int:
     return EXIT_CODES.get(stop_reason, 1)
 
 
-class TrainingDiverged(RuntimeError):
-    """Training stalled: zero gradient norm and a flat loss for several log intervals."""
+class TrainingDiverged(FloatingPointError):
+    """Training stalled: zero gradient norm and a flat loss for several log intervals (a
+    ``FloatingPointError``, like a non-finite step, so callers handle both alike)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,9 +621,9 @@ class Trainer:
 
     @staticmethod
     def check_resume_guard(output_dir, guard: Mapping[str, Any]) -> int | None:
-        """:func:`gralora_jax.checkpoint.check_resume_guard` for the checkpoints of ``output_dir``:
+        """:func:`gralora_jax.checkpoint.compare_resume_guard` for the checkpoints of ``output_dir``:
         the step a resume would start from (None: no checkpoint) or a one-line ``ValueError``."""
-        return check_resume_guard(checkpoint_dir(output_dir), guard)
+        return compare_resume_guard(checkpoint_dir(output_dir), guard)
 
     @property
     def step(self) -> int:

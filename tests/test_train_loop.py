@@ -17,7 +17,7 @@ import pytest
 
 from gralora_jax import fileio
 from gralora_jax import tree as tree_lib
-from gralora_jax.checkpoint import Checkpointer, CorruptCheckpointError, check_resume_guard
+from gralora_jax.checkpoint import Checkpointer, CorruptCheckpointError, compare_resume_guard
 from gralora_jax.optim import make_optimizer
 from gralora_jax.sharding import make_mesh, param_partition_specs
 from gralora_jax.train import (EXIT_CODES, TrainConfig, Trainer, TrainingDiverged, exit_code, init_train_state,
@@ -265,7 +265,7 @@ def test_resume_guard_batch_size_rows_and_wall_time(params, mesh, tmp_path):
     assert Trainer.check_resume_guard(str(tmp_path), guard) == 3
     changed = {**guard, "max_steps": 12, "lr": 2e-2, "warmup_ratio": 0.1}
     with pytest.raises(ValueError) as e:
-        check_resume_guard(tmp_path / "checkpoints", changed)
+        compare_resume_guard(tmp_path / "checkpoints", changed)
     msg = str(e.value).split("since that checkpoint:")[1]
     assert "\n" not in str(e.value) and "(step 3)" in str(e.value)
     assert "lr 0.01 -> 0.02" in msg and "max_steps 6 -> 12" in msg and "warmup_ratio '<unset>' -> 0.1" in msg
@@ -296,13 +296,19 @@ def test_resume_guard_batch_size_rows_and_wall_time(params, mesh, tmp_path):
 
 
 def test_progress_bar_only_on_a_terminal(params, mesh, monkeypatch):
+    import dataclasses
+
     class Tty(io.StringIO):
         def isatty(self):
             return True
 
+    tr = _trainer(params, mesh, steps=4, log_every=2)
+    fresh = jax.tree.map(jax.numpy.copy, tr.state)  # fit donates the state: start each run from a copy
     for stream, enabled, shown in ((Tty(), True, True), (io.StringIO(), True, False), (Tty(), False, False)):
         monkeypatch.setattr("sys.stderr", stream)
-        _trainer(params, mesh, steps=4, log_every=2, progress=enabled).fit(ToyData())
+        tr.config = dataclasses.replace(tr.config, progress=enabled)
+        tr.state = jax.tree.map(jax.numpy.copy, fresh)
+        tr.fit(ToyData())
         text = stream.getvalue()
         assert (("4/4" in text) and ("loss=" in text) and ("tok/s=" in text)) == shown, text
 
