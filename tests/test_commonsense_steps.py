@@ -105,6 +105,9 @@ def test_model_option_rule():
     assert config_lib.model_options(cfg, big, True)["scan_layers"] and \
         config_lib.model_options(cfg, big, True)["remat_policy"] == "none"
     assert config_lib.model_options(cfg, huge, True)["remat_policy"] == "full"
+    deep = config_lib.model_options(cfg, small, True, num_layers=config_lib.SCAN_FROM_LAYERS)
+    assert deep["scan_layers"] and deep["remat_policy"] == "none"  # SmolLM2-135M: 30 layers, scanned
+    assert not config_lib.model_options(cfg, small, True, num_layers=config_lib.SCAN_FROM_LAYERS - 1)["scan_layers"]
     explicit = make_config(scan_layers=False, remat="none", attn="cudnn")
     assert config_lib.model_options(explicit, huge, True) == {"scan_layers": False, "remat_policy": "none",
                                                               "attn_implementation": "cudnn"}

@@ -251,7 +251,8 @@ def load(inputs: Inputs):
             check_token_ids(np.concatenate([e.input_ids for e in inputs.examples]), probe.config.vocab_size,
                             what=f"token ids of {inputs.train_src} (tokenizer of {inputs.model_src})")
         ours = isinstance(probe, CausalLM)
-        opts = config_lib.model_options(cfg, _num_params(param_shapes(probe)), ours)
+        opts = config_lib.model_options(cfg, _num_params(param_shapes(probe)), ours,
+                                        num_layers=int(getattr(probe.config, "num_hidden_layers", 0) or 0))
         model, params = load_pretrained_sharded(inputs.model_src, inputs.mesh, dtype=dtype, param_dtype=param_dtype,
                                                 model_options=opts or None)
     except (ValueError, OSError) as e:  # unsupported architecture, missing/corrupt weights, ...
