@@ -116,7 +116,7 @@ def adapter_in_out(adapter: Adapter) -> tuple[int, int]:
 # and 2x the step time of a small train step on CPU, 80 s vs 18 s compile on an H200. Instead
 # the module's key seeds an ``rbg`` key (one XLA RngBitGenerator op, materialised once) that
 # draws integers of the narrowest width whose threshold is within DROPOUT_RATE_TOL of the rate.
-DROPOUT_RNG_IMPL = "rbg"  # jax PRNG implementation of the mask bits
+DROPOUT_RNG_IMPL = "rbg"  # mask bits: a jax PRNG implementation ("rbg"), or "hash" (keyed counter hash, below)
 DROPOUT_RATE_TOL = 2.0 ** -17  # max |effective drop probability - rate| (16-bit masks always meet it)
 _MASK_WIDTHS = (jnp.uint8, jnp.uint16, jnp.uint32)
 
