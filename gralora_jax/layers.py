@@ -110,12 +110,12 @@ def adapter_in_out(adapter: Adapter) -> tuple[int, int]:
     return adapter["lora_A"].shape[-2], adapter["lora_B"].shape[-1]
 
 
-# Adapter dropout. PEFT draws ``torch.nn.Dropout`` masks (float32 uniforms); a threefry
-# ``jax.random.bernoulli`` per adapted module is a large elementwise hash that XLA fuses (and
-# duplicates) into the adapter's forward and backward fusions: measured 3.5x the compile time
-# and 2x the step time of a small train step on CPU, 80 s vs 18 s compile on an H200. Instead
-# the module's key seeds an ``rbg`` key (one XLA RngBitGenerator op, materialised once) that
-# draws integers of the narrowest width whose threshold is within DROPOUT_RATE_TOL of the rate.
+# Adapter dropout. PEFT draws ``torch.nn.Dropout`` masks (float32 uniforms). A threefry
+# ``jax.random.bernoulli`` per adapted module is a large elementwise hash that XLA fuses into
+# the adapter's fusions (issue 12: 3.5x the compile time and 2x the step time of a SmolLM2
+# train step on CPU, 80 s vs 18 s compile on an H200). Instead the module's key words seed an
+# ``rbg`` key (one XLA RngBitGenerator op per mask, materialised once) whose 32-bit words are
+# split into integers of the narrowest width that puts the rate within DROPOUT_RATE_TOL.
 DROPOUT_RNG_IMPL = "rbg"  # jax PRNG implementation of the mask bits
 DROPOUT_RATE_TOL = 2.0 ** -17  # max |effective drop probability - rate| (16-bit masks always meet it)
 _MASK_WIDTHS = (jnp.uint8, jnp.uint16, jnp.uint32)
