@@ -110,12 +110,12 @@ def adapter_in_out(adapter: Adapter) -> tuple[int, int]:
     return adapter["lora_A"].shape[-2], adapter["lora_B"].shape[-1]
 
 
-# Adapter dropout. PEFT draws ``torch.nn.Dropout`` masks (float32 uniforms); a threefry
-# ``jax.random.bernoulli`` per adapted module is a large elementwise hash that XLA fuses (and
-# duplicates) into the adapter's forward and backward fusions: measured 3.5x the compile time
-# and 2x the step time of a small train step on CPU, 80 s vs 18 s compile on an H200. Instead
-# the module's key seeds an ``rbg`` key (one XLA RngBitGenerator op, materialised once) that
-# draws integers of the narrowest width whose threshold is within DROPOUT_RATE_TOL of the rate.
+# Adapter dropout. PEFT draws ``torch.nn.Dropout`` masks (float32 uniforms). A threefry
+# ``jax.random.bernoulli`` per adapted module is a large elementwise hash that XLA fuses into
+# the adapter's fusions (issue 12: 3.5x the compile time and 2x the step time of a SmolLM2
+# train step on CPU, 80 s vs 18 s compile on an H200). Instead the module's key words seed an
+# ``rbg`` key (one XLA RngBitGenerator op per mask, materialised once) whose 32-bit words are
+# split into integers of the narrowest width that puts the rate within DROPOUT_RATE_TOL.
 DROPOUT_RNG_IMPL = "rbg"  # mask bits: a jax PRNG implementation ("rbg"), or "hash" (keyed counter hash, below)
 DROPOUT_RATE_TOL = 2.0 ** -17  # max |effective drop probability - rate| (16-bit masks always meet it)
 _MASK_WIDTHS = (jnp.uint8, jnp.uint16, jnp.uint32)
@@ -135,12 +135,31 @@ def dropout_mask_dtype(rate: float):
     return jnp.uint32
 
 
+_SEED_MIX = (0x9E3779B9, 0x7F4A7C15)  # odd constants: the second half of an rbg seed made from a 2-word key
+
+
+def _rbg_seed(rng: Array) -> Array:
+    """The 4 uint32 words of an ``rbg`` key taken from ``rng``'s own words (no hashing: a
+    threefry call per adapted module costs seconds of compile time over a model on CPU).
+    A 2-word (threefry) key fills the other half with its words mixed with odd constants."""
+    try:
+        data = jax.random.key_data(rng)
+    except TypeError:  # a raw uint32 key array
+        data = jnp.asarray(rng)
+    data = data.reshape(-1).astype(jnp.uint32)
+    if data.shape[0] >= 4:
+        return data[:4]
+    data = jnp.concatenate([data, jnp.zeros((2 - data.shape[0],), jnp.uint32)])
+    return jnp.concatenate([data, data ^ jnp.asarray(_SEED_MIX, jnp.uint32)])
+
+
 def dropout_keep_masks(rng: Array, rate: float, shape: tuple[int, ...], count: int = 1) -> Array:
     """``count`` independent keep masks ``bool[count, *shape]``, each element kept with
     probability ``1 - rate`` (to within :data:`DROPOUT_RATE_TOL`).
 
-    ``rng`` is any jax key (raw ``uint32[2]`` or typed); it seeds an ``rbg`` key whose bits,
-    at the width of :func:`dropout_mask_dtype`, are compared with a threshold.
+    ``rng`` is any jax key (raw ``uint32[2]`` or typed; a module's ``make_rng``); its words
+    seed an ``rbg`` key whose bits, at the width of :func:`dropout_mask_dtype`, are compared
+    with a threshold.
 
     >>> m = dropout_keep_masks(jax.random.PRNGKey(0), 0.25, (1000, 100), count=2)
     >>> m.shape, m.dtype, round(float(m.mean()), 2), bool((m[0] != m[1]).any())
@@ -149,14 +168,12 @@ def dropout_keep_masks(rng: Array, rate: float, shape: tuple[int, ...], count: i
     dt = dropout_mask_dtype(rate)
     if DROPOUT_RNG_IMPL == "hash":
         return _hash_keep_masks(rng, rate, shape, count)
-    seed_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=DROPOUT_RNG_IMPL))).shape
-    seed = jax.random.bits(rng, seed_shape, jnp.uint32)  # a few words from the module's key, any impl
-    key = jax.random.wrap_key_data(seed, impl=DROPOUT_RNG_IMPL)
+    key = jax.random.wrap_key_data(_rbg_seed(rng), impl=DROPOUT_RNG_IMPL)
     n = count * math.prod(shape)
     per_word = 32 // jnp.iinfo(dt).bits  # draw 32-bit words and split them: 2-4x fewer draws
     words = jax.random.bits(key, (-(-n // per_word),), jnp.uint32)
     bits = jax.lax.bitcast_convert_type(words, dt).reshape(-1)[:n].reshape(count, *shape)
-    threshold = round(rate * 2 ** jnp.iinfo(dt).bits)
+    threshold = min(round(rate * 2 ** jnp.iinfo(dt).bits), int(jnp.iinfo(dt).max))
     return bits >= jnp.asarray(threshold, dt)
 
 
