@@ -134,7 +134,7 @@ def plan_row(shape, method, mesh_spec: str, *, batch: int, seq: int, remat: str,
     step = make_train_step(make_causal_lm_loss_fn(gm), opt, mask, mesh, specs, shapes)
     trainable, frozen = tree_lib.split_trainable(shapes, mask)
     state = TrainState(step=S((), jnp.int32), params=trainable, opt_state=jax.eval_shape(opt.init, shapes),
-                       rng=S((2,), jnp.uint32))
+                       rng=S((2,), jnp.uint32), bad_step=S((), jnp.int32))
     data = {"input_ids": S((batch, seq), jnp.int32), "attention_mask": S((batch, seq), jnp.int32)}
     with _capture_stderr() as err:
         compiled = step.jitted.lower(state, frozen, data).compile()
