@@ -56,6 +56,8 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path, monkeypatch):
 
     second = run(_cfg(tmp_path / "resumed", cache))
     assert second["train"]["steps"] == STEPS and second["train"]["stop_reason"] == "done"
+    # training time is summed over both runs (the resumed run alone trained only the last steps)
+    assert second["train"]["seconds"] >= first["train"]["seconds"] > 0
     a, b = _adapter(tmp_path / "straight"), _adapter(tmp_path / "resumed")
     assert set(a) == set(b)
     for k in a:

@@ -125,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason == "diverged":
             raise FloatingPointError(f"training diverged at step {results['train']['steps']}; the last finite "
                                      "state is the checkpoint, nothing was exported")
-        return run_lib.EXIT_CODES.get(reason, FAILURE)
+        from gralora_jax.train import exit_code
+
+        return exit_code(reason)
     except UserError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         return USAGE_ERROR

@@ -49,10 +49,6 @@ from experiments.commonsense import report as report_lib
 from experiments.commonsense.config import ExperimentConfig, UserError
 from gralora_jax import fileio
 
-# How a training run ended -> the process exit code (shell convention 128 + signal number).
-EXIT_CODES = {"done": 0, "sigint": 130, "sigterm": 143, "diverged": 1}
-
-
 def log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
@@ -340,7 +336,7 @@ class Trained:
     params: Any  # all params after training (placed)
     steps: int  # optimizer steps reached
     stop_reason: str  # done | sigint | sigterm | diverged
-    seconds: float  # wall time of this process's training
+    seconds: float  # training wall time, summed over every run that resumed this one
 
 
 def train(inputs: Inputs, adapted: Adapted) -> Trained:
@@ -378,9 +374,9 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
     t = time.time()
     with mesh_context(inputs.mesh):
         trainer.fit(it)
-    seconds = time.time() - t
+    seconds = trainer.train_seconds
     reason = trainer.stop_reason or "done"
-    log(f"trained to step {trainer.step} in {seconds:.1f}s ({reason})")
+    log(f"trained to step {trainer.step} in {time.time() - t:.1f}s ({seconds:.1f}s in all, {reason})")
     return Trained(trainer.full_params(), trainer.step, reason, seconds)
 
 
