@@ -195,13 +195,16 @@ def test_model_types_without_sharding_rules_need_a_data_parallel_mesh(cache, tmp
 
     inputs = R.prepare(make_config(cache_dir=str(cache), output_dir=str(tmp_path / "o"), **BRIEF))
     odd = types.SimpleNamespace(config=types.SimpleNamespace(model_type="no-such-family"))
-    with pytest.raises(UserError, match="--mesh 2x2: there are no sharding rules for model type 'no-such-family'"):
-        R._sharding_rules(odd, inputs)
+    params = {"model": {"layers": {"0": {"mlp": {"up_proj": {"kernel": np.zeros((8, 16), np.float32)}}}}}}
+    with pytest.raises(UserError, match="--mesh 2x2: no sharding rules for model type 'no-such-family'"):
+        R._partition_specs(odd, params, inputs)
     flat = dataclasses.replace(inputs, cfg=dataclasses.replace(inputs.cfg, mesh="4x1"),
                                mesh=R._make_mesh(dataclasses.replace(inputs.cfg, mesh="4x1")))
-    assert R._sharding_rules(odd, flat) == "default"
+    spec = R._partition_specs(odd, params, flat)["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    assert all(a is None for a in spec)  # replicated on a data-parallel mesh
     llama = types.SimpleNamespace(config=types.SimpleNamespace(model_type="llama"))
-    assert R._sharding_rules(llama, inputs) == "llama"
+    spec = R._partition_specs(llama, params, inputs)["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    assert "model" in tuple(spec)  # the llama rules split the MLP's up projection over the model axis
 
 
 def test_evaluation_progress_bar_only_when_asked(cache, capsys):

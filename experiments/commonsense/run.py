@@ -307,25 +307,21 @@ def adapt(inputs: Inputs, model, params) -> Adapted:
         if jax.process_index() == 0:
             gm.print_trainable_parameters()
     mask = gm.trainable_mask(full=cfg.method == "full")
-    rules = _sharding_rules(model, inputs)
-    specs = sharding.param_partition_specs(gm.params, rules, inputs.mesh)
+    specs = _partition_specs(model, gm.params, inputs)
     placed = sharding.shard_params(gm.params, inputs.mesh, specs)
     return Adapted(model, gm, acfg, mask, specs, placed)
 
 
-def _sharding_rules(model, inputs: Inputs) -> str:
-    """The model type's sharding rules; a type without rules may only run on a data-parallel mesh (replicated)."""
+def _partition_specs(model, params, inputs: Inputs) -> dict:
+    """Partition specs by the model type's sharding rules (:data:`gralora_jax.sharding.RULES`); a type
+    without rules may only run on a data-parallel mesh (replicated), else a one-line error."""
     from gralora_jax import sharding
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in sharding.RULES:
-        return model_type
-    split = {a: n for a, n in inputs.mesh.shape.items() if a != "data" and n > 1}
-    if split:
-        raise UserError(f"--mesh {inputs.cfg.mesh}: there are no sharding rules for model type {model_type!r}, so its "
-                        f"weights cannot be split over {', '.join(split)}; use a data-parallel mesh such as "
-                        f"{inputs.mesh.size}x1")
-    return "default"
+    try:
+        return sharding.param_partition_specs(params, model_type, inputs.mesh)
+    except ValueError as e:
+        raise UserError(f"--mesh {inputs.cfg.mesh}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- step 4: train
