@@ -105,7 +105,7 @@ def make_loss_fn(loss: str, logits: Callable, hidden: Callable, head_kernel: Cal
     ``loss="full"``: :func:`gralora_jax.losses.causal_lm_loss` on ``logits(params, ids)``;
     ``"chunked"``: :func:`gralora_jax.models.losses.chunked_cross_entropy` of
     ``hidden(params, ids)`` (final, normed hidden state) against ``head_kernel(params)``
-    (``[hidden, vocab]``), 1024 tokens at a time over the *flattened* batch (what the session-2
+    (``[hidden, vocab]``), 1024 tokens at a time over the *flattened* batch (what the 2026-11-29
     H200 tables used; on a data-parallel mesh the chunks cut across the data shards);
     ``"rows"``: the library's :func:`gralora_jax.losses.chunked_causal_lm_loss` (what
     ``make_causal_lm_loss_fn`` uses): the same sum, chunked within each row, so the data axis

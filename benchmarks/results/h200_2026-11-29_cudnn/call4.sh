@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# session 2, call 4 on nvidia-h200-x2: two more GraLoRA contraction layouts, two single-GPU lanes
+# 2026-11-29, call 4 on nvidia-h200-x2: two more GraLoRA contraction layouts, two single-GPU lanes
 set -u
 export PYTHONUNBUFFERED=1
 O=/tmp/r; mkdir -p $O
