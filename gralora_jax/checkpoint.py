@@ -80,12 +80,20 @@ def nonfinite_leaves(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(k) for (k, _), ok in zip(with_path, flags) if not ok]
 
 
+GUARD_UNSET = "<unset>"  # a guard key one side lacks
+
+
+def guard_changes(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> list[tuple[str, Any, Any]]:
+    """``[(key, saved value, current value), ...]`` for every key whose value differs (JSON-normalised;
+    a missing key reads :data:`GUARD_UNSET`), sorted by key."""
+    a, b = _jsonable(dict(saved or {})), _jsonable(dict(current or {}))
+    return [(k, a.get(k, GUARD_UNSET), b.get(k, GUARD_UNSET)) for k in sorted(set(a) | set(b))
+            if a.get(k, GUARD_UNSET) != b.get(k, GUARD_UNSET)]
+
+
 def guard_differences(saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> list[str]:
     """``["key saved -> current", ...]`` for every key whose value differs (JSON-normalised)."""
-    a, b = _jsonable(dict(saved or {})), _jsonable(dict(current or {}))
-    unset = "<unset>"
-    return [f"{k} {a.get(k, unset)!r} -> {b.get(k, unset)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, unset) != b.get(k, unset)]
+    return [f"{k} {a!r} -> {b!r}" for k, a, b in guard_changes(saved, current)]
 
 
 def _guard_error(directory: str, step: int, diffs: list[str]) -> ValueError:

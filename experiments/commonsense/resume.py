@@ -1,31 +1,25 @@
-"""The resume guard: a resumed run must keep the settings that shape its schedule, data and adapter.
+"""The resume guard in the CLI's words: which flags changed since the checkpoint a run would resume.
 
-The CLI stores :func:`experiments.commonsense.config.resume_guard` (steps, epochs, lr, warmup,
-cutoff, batch size, method, r, alpha, k, ...) in every checkpoint's metadata
-(``user.resume_guard``) and, before any evaluation or training, compares it with the new run's:
-a different ``--batch-size`` would skip or repeat examples (the data position is counted in
-batches), a different ``--max-steps`` would silently rebuild the cosine schedule.
+The CLI gives :func:`experiments.commonsense.config.resume_guard` (steps, epochs, lr, warmup,
+cutoff, batch size, method, r, alpha, k, ...) to the trainer's checkpoints as their resume guard
+(:class:`gralora_jax.checkpoint.Checkpointer`, which refuses a restore with other values too) and,
+before any model loads, compares it with the newest checkpoint's through the engine's
+:func:`gralora_jax.checkpoint.read_latest_metadata` / :func:`~gralora_jax.checkpoint.guard_changes`;
+only the wording (flag names, "in the checkpoint, ... now") is the CLI's.
 
->>> _differences({"lr": 1e-3, "r": 8}, {"lr": 2e-4, "r": 8})
-['--lr 0.001 in the checkpoint, 0.0002 now']
+>>> _describe([("lr", 1e-3, 2e-4), ("r", 8, 16)])
+['--lr 0.001 in the checkpoint, 0.0002 now', '--r 8 in the checkpoint, 16 now']
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Optional
 
 from experiments.commonsense.config import FIELDS, flag
 
 
-def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if a != b:
-            name = flag(key) if key in FIELDS else key
-            out.append(f"{name} {_show(a)} in the checkpoint, {_show(b)} now")
-    return out
+def _describe(changes) -> list[str]:
+    return [f"{flag(k) if k in FIELDS else k} {_show(a)} in the checkpoint, {_show(b)} now" for k, a, b in changes]
 
 
 def _show(v: Any) -> str:
@@ -33,23 +27,17 @@ def _show(v: Any) -> str:
 
 
 def check_resume_guard(checkpoint_dir: str, guard: Mapping[str, Any]) -> Optional[int]:
-    """Raise ``ValueError`` (one line naming each differing key and both values) when the latest checkpoint
-    in ``checkpoint_dir`` was written with another guard; return its step (None: no checkpoint)."""
-    from gralora_jax.checkpoint import Checkpointer
+    """Raise ``ValueError`` (one line naming each differing flag and both values) when the newest
+    checkpoint in ``checkpoint_dir`` was written with another guard; return its step (None: no checkpoint)."""
+    from gralora_jax.checkpoint import guard_changes, read_latest_metadata
 
-    ckpt = Checkpointer(checkpoint_dir)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            return None
-        saved = (ckpt.read_metadata(step).get("user") or {}).get("resume_guard")
-    finally:
-        ckpt.close()
-    if saved is None:
-        return step
-    now = json.loads(json.dumps(dict(guard)))  # the JSON form the checkpoint holds (tuples -> lists)
-    diff = _differences(saved, now)
-    if diff:
-        raise ValueError(f"cannot resume from step {step} in {checkpoint_dir}: " + "; ".join(diff)
+    meta = read_latest_metadata(checkpoint_dir)
+    if meta is None:
+        return None
+    step = int(meta["step"])
+    saved = meta.get("resume_guard")
+    changes = guard_changes(saved, guard) if saved is not None else []
+    if changes:
+        raise ValueError(f"cannot resume from step {step} in {checkpoint_dir}: " + "; ".join(_describe(changes))
                          + " (run with the checkpoint's settings, or choose another --output-dir)")
     return step

@@ -159,16 +159,12 @@ def check_resume(cfg: ExperimentConfig, steps: int) -> Optional[int]:
     if not cfg.resume:
         raise UserError(f"{ckpt_dir} holds checkpoints but --no-resume was given: choose another --output-dir "
                         "or delete them")
-    from gralora_jax import checkpoint as checkpoint_lib
-
     from experiments.commonsense import resume
 
-    check = getattr(checkpoint_lib, "check_resume_guard", resume.check_resume_guard)
     try:
-        check(ckpt_dir, config_lib.resume_guard(cfg, steps))
+        return resume.check_resume_guard(ckpt_dir, config_lib.resume_guard(cfg, steps))
     except ValueError as e:
         raise UserError(" ".join(str(e).split())) from None
-    return max(int(c.name) for c in fileio.as_path(ckpt_dir).iterdir() if c.name.isdigit())
 
 
 def prepare(cfg: ExperimentConfig) -> Inputs:
@@ -356,8 +352,8 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
     guard = config_lib.resume_guard(cfg, inputs.steps)
     meta = {"adapter_config": adapted.adapter_config.to_peft_dict() if adapted.adapter_config is not None
             else {"method": "full"},
-            "base_model": inputs.model_src,
-            "user": {"experiment": "commonsense", "method": cfg.method, "resume_guard": guard}}
+            "base_model": inputs.model_src, "resume_guard": guard,
+            "user": {"experiment": "commonsense", "method": cfg.method}}
     # The trainer donates its trainable leaves each step: give it copies so adapted.params stays usable.
     params = jax.tree_util.tree_map(lambda m, x: jnp.copy(x) if m else x, adapted.mask, adapted.params)
     trainer = Trainer(loss_fn=make_causal_lm_loss_fn(adapted.gm, right_padded=True), params=params,
