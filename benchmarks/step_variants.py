@@ -9,10 +9,10 @@ dropout, no masks, unrolled layers). This script builds the CLI's step with
 variant in a fresh process, printing compile seconds and step milliseconds::
 
     python -m benchmarks.step_variants --shape 135m --batch 16 --seq 128 \\
-        --variants "nodrop:dropout=0;rbg:impl=rbg;hash:impl=hash;scan:scan=1"
+        --variants "cli:;nodrop:dropout=0;scan:scan=1;nomask:mask=0"
 
 Knobs (``name=value``, comma separated; defaults are the CLI's paper preset): ``dropout``
-(0.05), ``impl`` (mask bits: ``rbg`` or ``hash``, see :mod:`gralora_jax.layers`), ``scan``
+(0.05), ``scan``
 (0/1), ``remat`` (none), ``opt`` (lion), ``clip`` (1.0), ``mask`` (1: attention + loss masks),
 ``method`` (gralora4 | lora), ``layout`` (the GraLoRA block layout), ``sync`` (1: fetch the
 metrics every step, as a loop that syncs does).
@@ -28,7 +28,7 @@ import time
 import types
 from typing import Optional, Sequence
 
-DEFAULTS = dict(dropout="0.05", impl="rbg", scan="0", remat="none", opt="lion", clip="1.0", mask="1",
+DEFAULTS = dict(dropout="0.05", scan="0", remat="none", opt="lion", clip="1.0", mask="1",
                 method="gralora4", layout="", sync="0")
 
 
@@ -50,7 +50,6 @@ def measure(shape_name: str, batch: int, seq: int, steps: int, knobs: dict) -> d
 
     from benchmarks.jax_step import random_params
     from benchmarks.shapes import PROJECTIONS, SHAPES, parse_method
-    from gralora_jax import layers
     from gralora_jax.config import GraLoRAConfig, LoRAConfig
     from gralora_jax.models import CausalLM
     from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
@@ -58,7 +57,6 @@ def measure(shape_name: str, batch: int, seq: int, steps: int, knobs: dict) -> d
     from gralora_jax.surgery import get_gralora_model
     from gralora_jax.train import init_train_state, make_causal_lm_loss_fn, make_train_step
 
-    layers.DROPOUT_RNG_IMPL = knobs["impl"]
     shape = SHAPES[shape_name]
     mesh = make_mesh("1x1", jax.devices()[:1])
     cfg = types.SimpleNamespace(model_type="llama", rope_scaling=None, initializer_range=0.02,

@@ -116,7 +116,7 @@ def adapter_in_out(adapter: Adapter) -> tuple[int, int]:
 # train step on CPU, 80 s vs 18 s compile on an H200). Instead the module's key words seed an
 # ``rbg`` key (one XLA RngBitGenerator op per mask, materialised once) whose 32-bit words are
 # split into integers of the narrowest width that puts the rate within DROPOUT_RATE_TOL.
-DROPOUT_RNG_IMPL = "rbg"  # mask bits: a jax PRNG implementation ("rbg"), or "hash" (keyed counter hash, below)
+DROPOUT_RNG_IMPL = "rbg"  # jax PRNG implementation of the mask bits
 DROPOUT_RATE_TOL = 2.0 ** -17  # max |effective drop probability - rate| (16-bit masks always meet it)
 _MASK_WIDTHS = (jnp.uint8, jnp.uint16, jnp.uint32)
 
@@ -166,8 +166,6 @@ def dropout_keep_masks(rng: Array, rate: float, shape: tuple[int, ...], count: i
     ((2, 1000, 100), dtype('bool'), 0.75, True)
     """
     dt = dropout_mask_dtype(rate)
-    if DROPOUT_RNG_IMPL == "hash":
-        return _hash_keep_masks(rng, rate, shape, count)
     key = jax.random.wrap_key_data(_rbg_seed(rng), impl=DROPOUT_RNG_IMPL)
     n = count * math.prod(shape)
     per_word = 32 // jnp.iinfo(dt).bits  # draw 32-bit words and split them: 2-4x fewer draws
@@ -175,26 +173,6 @@ def dropout_keep_masks(rng: Array, rate: float, shape: tuple[int, ...], count: i
     bits = jax.lax.bitcast_convert_type(words, dt).reshape(-1)[:n].reshape(count, *shape)
     threshold = min(round(rate * 2 ** jnp.iinfo(dt).bits), int(jnp.iinfo(dt).max))
     return bits >= jnp.asarray(threshold, dt)
-
-
-def _mix32(h: Array) -> Array:
-    """A 32-bit integer finaliser (xor-shift-multiply, full avalanche): a bijection on uint32."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
-
-
-def _hash_keep_masks(rng: Array, rate: float, shape: tuple[int, ...], count: int) -> Array:
-    """Keep masks from a keyed counter hash: element ``i`` of mask ``c`` is kept when
-    ``mix(mix(i) ^ seed_c) >= rate * 2**32``, ``seed_c`` drawn from ``rng`` (one small threefry op).
-    Only elementwise integer ops, which XLA fuses into the consumer: no RNG op per module."""
-    seeds = jax.random.bits(rng, (count,), jnp.uint32)
-    n = math.prod(shape)
-    idx = _mix32(jax.lax.iota(jnp.uint32, n).reshape(shape))
-    threshold = jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-    return jnp.stack([_mix32(idx ^ seeds[c]) >= threshold for c in range(count)])
 
 
 def _dropped_inputs(x: Array, rate: float, rng: Optional[Array], count: int) -> tuple[list[Array], float]:
