@@ -97,6 +97,7 @@ def atomic_open(path: PathLike) -> Iterator[BinaryIO]:
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(target) + ".", dir=parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # the mode open() would give a new file, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -109,6 +110,12 @@ def atomic_open(path: PathLike) -> Iterator[BinaryIO]:
             pass
         raise
     _fsync_dir(parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

@@ -41,3 +41,12 @@ def test_remote_paths_keep_scheme(path):
 def test_local_paths(tmp_path):
     assert not fileio.is_remote(tmp_path)
     assert fileio.join(tmp_path, "a", "b") == os.path.join(str(tmp_path), "a", "b")
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps(tmp_path):
+    old = os.umask(0o022)
+    try:
+        fileio.atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "a.json").st_mode & 0o777) == 0o644
