@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from typing import Any, Mapping
@@ -330,8 +331,15 @@ def read_latest_metadata(directory) -> dict | None:
     """
     if not fileio.exists(directory):
         return None
-    manager = ocp.CheckpointManager(_abs(directory), options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-                                    item_names=("state", "meta"))
+    # read-only: orbax logs a warning for that mode on every open, which says nothing to a user here
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        options = ocp.CheckpointManagerOptions(create=False, read_only=True, save_interval_steps=0)
+        manager = ocp.CheckpointManager(_abs(directory), options=options, item_names=("state", "meta"))
+    finally:
+        absl_logger.setLevel(level)
     try:
         for step in sorted(manager.all_steps(), reverse=True):
             try:

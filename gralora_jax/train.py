@@ -422,8 +422,13 @@ def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False, loss: 
 
 
 def _say(message: str) -> None:
-    sys.stderr.write(f"\n[gralora_jax.train] {message}\n")
-    sys.stderr.flush()
+    """A notice on stderr; a closed stderr (``... | tee log`` whose tee died with the same Ctrl-C)
+    must not turn a signal's clean checkpoint-and-stop into a crash, so write errors are ignored."""
+    try:
+        sys.stderr.write(f"\n[gralora_jax.train] {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # broken pipe, closed file
+        pass
 
 
 class _StopSignals:

@@ -228,3 +228,22 @@ def test_divergence_exits_1_and_exports_nothing(cache, capsys, tmp_path, monkeyp
     assert code == 1, (stdout, err)
     assert err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
     assert not (out / "adapter").exists()
+
+
+def test_progress_lines_survive_a_closed_stdout(monkeypatch):
+    # `python -m experiments.commonsense ... | tee log` and Ctrl-C: tee dies too; the run must still save
+    import sys
+
+    from experiments.commonsense import run as run_lib
+
+    class Closed:
+        def write(self, _):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    run_lib.log("trained to step 3")
+    with pytest.raises(BrokenPipeError):
+        print("x", flush=True)  # the control: the pipe really is closed

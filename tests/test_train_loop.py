@@ -363,3 +363,22 @@ def test_remote_output_dir_keeps_its_scheme(params, mesh, monkeypatch):
     monkeypatch.setattr(sys.modules["gralora_jax.train"], "is_main_process", lambda: False)
     _trainer(params, mesh, "gs://x/z", steps=1).fit(ToyData())
     assert files == {}
+
+
+class _ClosedPipe:
+    def write(self, _):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_notices_survive_a_closed_terminal(monkeypatch):
+    # `... | tee log` and Ctrl-C: tee dies with the same signal; the stop notice must not raise
+    import importlib
+
+    train_lib = importlib.import_module("gralora_jax.train")  # the module (the package exports a function train)
+    monkeypatch.setattr(sys, "stderr", _ClosedPipe())
+    train_lib._say("sigint: saving a checkpoint at the next step boundary")
+    with pytest.raises(BrokenPipeError):
+        sys.stderr.write("x")  # the control: the pipe really is closed

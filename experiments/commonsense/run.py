@@ -50,8 +50,13 @@ from experiments.commonsense.config import ExperimentConfig, UserError
 from gralora_jax import fileio
 
 def log(msg: str) -> None:
+    """A progress line on process 0; a closed stdout (``| tee`` killed by the same Ctrl-C) is ignored,
+    so that it never stops a run from saving its checkpoint."""
     if jax.process_index() == 0:
-        print(msg, flush=True)
+        try:
+            print(msg, flush=True)
+        except (OSError, ValueError):  # broken pipe, closed file
+            pass
 
 
 def mesh_context(mesh):
