@@ -364,7 +364,8 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
     trainer = Trainer(loss_fn=make_causal_lm_loss_fn(adapted.gm, right_padded=True), params=params,
                       mask=adapted.mask, optim=optim, config=tcfg, mesh=inputs.mesh, param_specs=adapted.specs,
                       checkpoint_meta=meta)
-    if cfg.resume and trainer.restore(it):
+    resumed = cfg.resume and trainer.restore(it)
+    if resumed:
         log(f"resumed from step {trainer.step} (data position {it.state()})")
     log(f"{len(inputs.examples)} training sequences, {it.steps_per_epoch} steps/epoch, {inputs.steps} steps; "
         f"mesh {dict(inputs.mesh.shape)}, micro-batch {cfg.micro_batch_size}")
@@ -373,7 +374,8 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
         trainer.fit(it)
     seconds = trainer.train_seconds
     reason = trainer.stop_reason or "done"
-    log(f"trained to step {trainer.step} in {time.time() - t:.1f}s ({seconds:.1f}s in all, {reason})")
+    earlier = f", {seconds:.1f}s with the runs it resumed" if resumed else ""
+    log(f"trained to step {trainer.step} in {time.time() - t:.1f}s{earlier} ({reason})")
     return Trained(trainer.full_params(), trainer.step, reason, seconds)
 
 
