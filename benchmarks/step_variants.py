@@ -13,9 +13,10 @@ variant in a fresh process, printing compile seconds and step milliseconds::
 
 Knobs (``name=value``, comma separated; defaults are the CLI's paper preset): ``dropout``
 (0.05), ``scan``
-(0/1), ``remat`` (none), ``opt`` (lion), ``clip`` (1.0), ``mask`` (1: attention + loss masks),
+(0/1), ``unroll`` (layers per scan iteration, 1), ``remat`` (none), ``opt`` (lion), ``clip`` (1.0), ``mask`` (1: attention + loss masks),
 ``method`` (gralora4 | lora), ``layout`` (the GraLoRA block layout), ``sync`` (1: fetch the
-metrics every step, as a loop that syncs does).
+metrics every step, as a loop that syncs does), ``trace`` (1: two more steps under
+``jax.profiler``, summarised per kernel category with :mod:`benchmarks.trace_summary`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import time
 import types
 from typing import Optional, Sequence
 
-DEFAULTS = dict(dropout="0.05", scan="0", remat="none", opt="lion", clip="1.0", mask="1",
-                method="gralora4", layout="", sync="0")
+DEFAULTS = dict(dropout="0.05", scan="0", unroll="1", remat="none", opt="lion", clip="1.0", mask="1",
+                method="gralora4", layout="", sync="0", trace="0")
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -62,7 +63,7 @@ def measure(shape_name: str, batch: int, seq: int, steps: int, knobs: dict) -> d
     cfg = types.SimpleNamespace(model_type="llama", rope_scaling=None, initializer_range=0.02,
                                 **shape.hf_config_kwargs())
     model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, scan_layers=knobs["scan"] == "1",
-                     remat_policy=knobs["remat"])
+                     scan_unroll=int(knobs["unroll"]), remat_policy=knobs["remat"])
     params = random_params(model, jax.random.PRNGKey(0))
     m = parse_method(knobs["method"], rank=64, alpha=128)
     rate = float(knobs["dropout"])
@@ -105,8 +106,21 @@ def measure(shape_name: str, batch: int, seq: int, steps: int, knobs: dict) -> d
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / steps
     stats = jax.local_devices()[0].memory_stats() or {}
-    return {"compile_s": compile_s, "step_ms": step_s * 1e3, "tokens_per_s": batch * seq / step_s,
-            "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "loss": float(metrics["loss"])}
+    out = {"compile_s": compile_s, "step_ms": step_s * 1e3, "tokens_per_s": batch * seq / step_s,
+           "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30, "loss": float(metrics["loss"])}
+    if knobs["trace"] == "1":
+        import tempfile
+
+        from benchmarks.trace_summary import summarize
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for _ in range(2):
+                    state, metrics = compiled(state, frozen, data)
+                jax.block_until_ready((state, metrics))
+            summary = summarize(d, steps=2, top=25)
+        summary.pop("trace_file", None)
+        out["trace"] = summary
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
@@ -144,6 +158,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             diff = ",".join(f"{k}={knobs[k]}" for k in DEFAULTS if knobs[k] != DEFAULTS[k])
             print(f"| {name} | {row['compile_s']:.1f} | {row['step_ms']:.1f} | {row['tokens_per_s']:,.0f} | "
                   f"{row['peak_gib']:.1f} | {diff or 'CLI defaults'} |", flush=True)
+            if isinstance(row.get("trace"), dict):
+                from benchmarks.trace_summary import format_summary
+                print(format_summary(row["trace"]), flush=True)
     return rows
 
 

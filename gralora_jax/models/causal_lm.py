@@ -42,6 +42,7 @@ class CausalLM:
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         scan_layers: bool = False,
+        scan_unroll: int = 1,
         remat_policy: str = "none",
         attn_implementation: Optional[str] = None,
         attention_mask_mode: str = "mask",
@@ -53,6 +54,8 @@ class CausalLM:
           dtype: compute dtype (activations, matmuls); logits are returned in float32.
           param_dtype: dtype of freshly initialised parameters (loading casts to it too).
           scan_layers: ``nn.scan`` over layers; parameters under ``model/layers/scan``.
+          scan_unroll: with ``scan_layers``, layers per scan iteration (1: compile time flat in
+            depth; more: longer compiles, fusion across the unrolled layers).
           remat_policy: per-layer ``jax.checkpoint`` policy name (see ``spec.REMAT_POLICIES``).
           attn_implementation: None (default: cuDNN flash attention on GPU for bf16/fp16 where it
             applies, XLA elsewhere; see ``models.attention``), or force "xla" / "cudnn" / "splash"
@@ -68,6 +71,7 @@ class CausalLM:
         self.spec = spec_from_hf_config(
             config,
             scan_layers=scan_layers,
+            scan_unroll=scan_unroll,
             remat_policy=remat_policy,
             attn_implementation=attn_implementation,
             attention_mask_mode=attention_mask_mode,

@@ -199,6 +199,7 @@ class LayerStack(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * 6 + (0,),
                 length=s.num_layers,
+                unroll=s.scan_unroll,
             )(s, s.windows[0], self.dtype, self.param_dtype, name="scan")
             h, new_cache = scanned(h, cos, sin, key_mask, kv_lengths, cache_index, kv_valid, cache)
             return h, None, new_cache

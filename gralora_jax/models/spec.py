@@ -70,6 +70,7 @@ class DecoderSpec:
     final_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of output logits
     initializer_range: float = 0.02  # std of the normal init of kernels and embeddings
     scan_layers: bool = False  # nn.scan over layers (params under model/layers/scan, leading layer axis)
+    scan_unroll: int = 1  # scan_layers: layers per scan iteration (>1 trades compile time for fusion across layers)
     remat_policy: str = "none"  # jax.checkpoint policy per layer, one of REMAT_POLICIES
     attn_implementation: Optional[str] = None  # None: cuDNN on GPU where it applies, else XLA; or force "xla"/"cudnn"/"splash"
     attention_mask_mode: str = "mask"  # "mask": any padding; "lengths": right padding only, cuDNN-friendly
@@ -89,6 +90,8 @@ class DecoderSpec:
         if self.attn_implementation not in (None, "xla", "cudnn", "splash"):
             raise ValueError(f"attn_implementation must be None, 'xla', 'cudnn' or 'splash', "
                              f"got {self.attn_implementation!r}")
+        if not (isinstance(self.scan_unroll, int) and 1 <= self.scan_unroll <= self.num_layers):
+            raise ValueError(f"scan_unroll must be an integer in [1, {self.num_layers}], got {self.scan_unroll!r}")
         if self.scan_layers and len(set(self.windows)) > 1:
             raise ValueError("scan_layers=True needs every layer to have the same attention window; "
                              f"got {self.windows}")
@@ -136,7 +139,7 @@ def _windows(config: Any, model_type: str, n: int) -> tuple:
 def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
     """Read a transformers ``PretrainedConfig`` (llama/qwen2/mistral/gemma/gemma2) into a DecoderSpec.
 
-    ``overrides`` set the run-time fields (``scan_layers``, ``remat_policy``,
+    ``overrides`` set the run-time fields (``scan_layers``, ``scan_unroll``, ``remat_policy``,
     ``attn_implementation``, ``attention_mask_mode``).
     """
     model_type = getattr(config, "model_type", None)
