@@ -26,7 +26,10 @@ import warnings
 
 import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+from gralora_jax import families
+
+# The GGUF architectures we read (from the family table).
+SUPPORTED_ARCHITECTURES = families.gguf_architectures()
 
 # GGUF tensor name (per-layer names with {i}) -> transformers Llama key. Rules as data.
 _LLAMA_NAMES = {

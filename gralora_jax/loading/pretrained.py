@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gralora_jax import fileio
+from gralora_jax import families, fileio
 from gralora_jax.loading.convert import is_floating, match_flax_params, torch_to_flax_params
 from gralora_jax.loading.safetensors_io import INDEX_FILE, SINGLE_FILE, read_safetensors, read_weight_map
 from gralora_jax.tree import flatten, unflatten
@@ -52,8 +52,8 @@ _FAMILIES = {
     "base": "FlaxAutoModel",
 }
 
-# transformers Flax models that hard-code rotary base 10000 and ignore rope_scaling.
-_FLAX_ROPE_10000 = ("llama", "mistral", "gemma")
+# transformers Flax models that hard-code rotary base 10000 and ignore rope_scaling (from the family table).
+_FLAX_ROPE_10000 = tuple(t for t, f in families.FAMILIES.items() if f.flax_rope_10000)
 
 
 # ---------------------------------------------------------------------------------------------- sources

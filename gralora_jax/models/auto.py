@@ -20,18 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
-from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from gralora_jax import families
 from gralora_jax.models.spec import SUPPORTED_MODEL_TYPES
 
-MODEL_CLASSES = {
-    "llama": LlamaForCausalLM,
-    "qwen2": Qwen2ForCausalLM,
-    "mistral": MistralForCausalLM,
-    "gemma": GemmaForCausalLM,
-    "gemma2": Gemma2ForCausalLM,
-}
-assert set(MODEL_CLASSES) == set(SUPPORTED_MODEL_TYPES)
+# model_type -> our Flax model class (from the family table).
+MODEL_CLASSES = {t: families.model_class(t) for t in SUPPORTED_MODEL_TYPES}
 
 
 def _load_config(config_or_dir: Any):

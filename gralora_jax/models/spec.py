@@ -18,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
+from gralora_jax.families import OUR_MODEL_TYPES
+
+# The model types we have our own Flax model for (from the family table).
+SUPPORTED_MODEL_TYPES = OUR_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 REMAT_POLICIES = (
     "none",  # no rematerialisation
