@@ -53,6 +53,7 @@ def _decoder(model_type: str, cls: str, **kw) -> Family:
 _TABLE = (
     _decoder("llama", "gralora_jax.models.llama:LlamaForCausalLM", gguf_arch="llama", flax_rope_10000=True),
     _decoder("qwen2", "gralora_jax.models.llama:Qwen2ForCausalLM"),
+    _decoder("qwen3", "gralora_jax.models.llama:Qwen3ForCausalLM"),
     _decoder("mistral", "gralora_jax.models.llama:MistralForCausalLM", flax_rope_10000=True),
     _decoder("gemma", "gralora_jax.models.gemma:GemmaForCausalLM", flax_rope_10000=True),
     _decoder("gemma2", "gralora_jax.models.gemma:Gemma2ForCausalLM"),

@@ -111,6 +111,15 @@ def test_mistral_window_and_scan_greedy():
     assert_same(generate(scanned, stack_layer_params(params), ids, mask, NEW), want, 0)
 
 
+def test_qwen3_qk_norm_greedy_unrolled_and_scanned():
+    cfg, tm, model, params = build("Qwen3Config", seed=4, head_dim=24)
+    ids, mask = prompts(seed=5)
+    want = torch_generate(tm, ids, mask, eos_token_id=None, pad_token_id=0)
+    assert_same(generate(model, params, ids, mask, NEW), want, 0)
+    scanned = auto_model(cfg, scan_layers=True)
+    assert_same(generate(scanned, stack_layer_params(params), ids, mask, NEW), want, 0)
+
+
 def test_apply_wrapper_is_entered_inside_trace(llama):
     cfg, tm, model, params = llama
     ids, mask = prompts()

@@ -179,6 +179,7 @@ def _families():
         "llama (scanned)": (_ours(lambda: tf.LlamaConfig(**dec), scan_layers=True, remat_policy="full"), _DECODER, False),
         "mistral": (_ours(lambda: tf.MistralConfig(**dec)), _DECODER, False),
         "qwen2": (_ours(lambda: tf.Qwen2Config(**dec), scan_layers=True), _DECODER, False),
+        "qwen3": (_ours(lambda: tf.Qwen3Config(head_dim=16, **dec)), _DECODER, False),
         "gemma": (_ours(lambda: tf.GemmaConfig(head_dim=8, **dec)), _DECODER, False),
         "gemma2": (_ours(lambda: tf.Gemma2Config(head_dim=8, **dec)), _DECODER, False),
         "gpt2": (_hf("FlaxGPT2LMHeadModel", lambda: tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,

@@ -11,7 +11,7 @@ from gralora_jax.models.decoder import CausalLMOutput
 from gralora_jax.models.generation import generate
 from gralora_jax.models.inputs import check_token_ids
 from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
-from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from gralora_jax.models.losses import chunked_cross_entropy
 from gralora_jax.models.layout import stack_layer_params, unstack_layer_params
 from gralora_jax.models.spec import SUPPORTED_MODEL_TYPES, DecoderSpec, spec_from_hf_config
@@ -34,5 +34,6 @@ __all__ = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
     "spec_from_hf_config",
 ]

@@ -114,6 +114,9 @@ class Attention(nn.Module):
         q = _dense(s, N * H, s.qkv_bias, "q_proj", self.dtype, self.param_dtype)(x).reshape(B, T, N, H)
         k = _dense(s, K * H, s.qkv_bias, "k_proj", self.dtype, self.param_dtype)(x).reshape(B, T, K, H)
         v = _dense(s, K * H, s.qkv_bias, "v_proj", self.dtype, self.param_dtype)(x).reshape(B, T, K, H)
+        if s.qk_norm:  # Qwen3: per-head RMSNorm (weight [head_dim]) before rope
+            q = RMSNorm(s.rms_norm_eps, s.norm_offset, self.dtype, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(s.rms_norm_eps, s.norm_offset, self.dtype, self.param_dtype, name="k_norm")(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         scale = s.query_scale if s.query_scale is not None else H ** -0.5

@@ -49,7 +49,7 @@ class RopeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderSpec:
-    model_type: str  # "llama", "qwen2", "mistral", "gemma", "gemma2"
+    model_type: str  # one of SUPPORTED_MODEL_TYPES (gralora_jax.families)
     vocab_size: int  # rows of the embedding
     hidden_size: int  # model width
     intermediate_size: int  # MLP width
@@ -68,6 +68,7 @@ class DecoderSpec:
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight); Gemma uses 1
     embed_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     sandwich_norms: bool = False  # Gemma2: post-attention and pre/post feed-forward norms
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k (q_norm, k_norm) before rope
     query_scale: Optional[float] = None  # attention logit scale; None -> head_dim ** -0.5
     attn_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of attention logits
     final_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of output logits
@@ -137,7 +138,7 @@ def _windows(config: Any, model_type: str, n: int) -> tuple:
 
 
 def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
-    """Read a transformers ``PretrainedConfig`` (llama/qwen2/mistral/gemma/gemma2) into a DecoderSpec.
+    """Read a transformers ``PretrainedConfig`` (llama/qwen2/qwen3/mistral/gemma/gemma2) into a DecoderSpec.
 
     ``overrides`` set the run-time fields (``scan_layers``, ``remat_policy``,
     ``attn_implementation``, ``attention_mask_mode``).
@@ -172,6 +173,8 @@ def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         initializer_range=float(getattr(config, "initializer_range", 0.02)),
     )
+    if model_type == "qwen3":
+        fields.update(qk_norm=True)
     if model_type in ("gemma", "gemma2"):
         fields.update(norm_offset=1.0, embed_scale=True)
     if model_type == "gemma2":
