@@ -306,6 +306,24 @@ def test_load_pretrained_prefers_our_models(ids, tmp_path):
         load_pretrained(tmp_path / "g", use_ours=True)
 
 
+@pytest.mark.parametrize("shard", [None, "20KB"], ids=["single", "sharded"])
+def test_load_pretrained_qwen3(ids, tmp_path, shard):
+    cfg = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(10)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial q/k norm weights, so a dropped or misplaced norm shows
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
+    ours, params = load_pretrained(tmp_path)
+    assert type(ours).__name__ == "Qwen3ForCausalLM"
+    np.testing.assert_allclose(np.asarray(ours(ids, params=params).logits), _torch_logits(model, ids), atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ GGUF
 def _llama_cpp_permute(w, n_heads):
     """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute), written out for the test."""
