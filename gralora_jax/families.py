@@ -40,6 +40,10 @@ class Family:
     tied_head: Optional[tuple[str, str]] = None
     # llama.cpp's ``general.architecture`` for this family's GGUF files, None when we read none.
     gguf_arch: Optional[str] = None
+    # GGUF per-layer tensor names beyond llama.cpp's common decoder ones: (GGUF name, HF key), {i} = layer.
+    gguf_names: tuple[tuple[str, str], ...] = ()
+    # llama.cpp's converter interleaves the q/k rows for its rotary layout (Llama yes, NeoX-style Qwen no).
+    gguf_rotary_permuted: bool = False
     # transformers' Flax class hard-codes rotary base 10000 and ignores ``rope_scaling``.
     flax_rope_10000: bool = False
     # A T5-style encoder-decoder (transformers' Flax T5 quirks apply).
@@ -51,9 +55,12 @@ def _decoder(model_type: str, cls: str, **kw) -> Family:
 
 
 _TABLE = (
-    _decoder("llama", "gralora_jax.models.llama:LlamaForCausalLM", gguf_arch="llama", flax_rope_10000=True),
+    _decoder("llama", "gralora_jax.models.llama:LlamaForCausalLM", gguf_arch="llama", gguf_rotary_permuted=True,
+             flax_rope_10000=True),
     _decoder("qwen2", "gralora_jax.models.llama:Qwen2ForCausalLM"),
-    _decoder("qwen3", "gralora_jax.models.llama:Qwen3ForCausalLM"),
+    _decoder("qwen3", "gralora_jax.models.llama:Qwen3ForCausalLM", gguf_arch="qwen3", gguf_names=(
+        ("blk.{i}.attn_q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+        ("blk.{i}.attn_k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"))),
     _decoder("mistral", "gralora_jax.models.llama:MistralForCausalLM", flax_rope_10000=True),
     _decoder("gemma", "gralora_jax.models.gemma:GemmaForCausalLM", flax_rope_10000=True),
     _decoder("gemma2", "gralora_jax.models.gemma:Gemma2ForCausalLM"),
@@ -108,6 +115,11 @@ def is_t5_like(model_type: Optional[str]) -> bool:
 def tied_heads() -> tuple[tuple[str, str], ...]:
     """Every distinct (head kernel path, embedding path) pair of the table, in table order."""
     return tuple(dict.fromkeys(f.tied_head for f in _TABLE if f.tied_head))
+
+
+def gguf_family(arch: Optional[str]) -> Optional[Family]:
+    """The family whose GGUF files have ``general.architecture == arch`` (None when unknown)."""
+    return next((f for f in _TABLE if f.gguf_arch is not None and f.gguf_arch == arch), None)
 
 
 def gguf_architectures() -> tuple[str, ...]:
