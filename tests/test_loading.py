@@ -556,3 +556,12 @@ def test_load_tokenizer_local(tmp_path):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(tmp_path)
     assert load_tokenizer(tmp_path)("hello world there").input_ids == [1, 2, 0]
+
+
+def test_model_options_need_our_models(tmp_path):
+    _llama_config().save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"model_options \['scan_layers'\] need gralora_jax.models"):
+        load_pretrained(tmp_path / "llama", use_ours=False, model_options={"scan_layers": True})
+    transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="no model for model_type 'gpt2'"):
+        load_pretrained(tmp_path / "gpt2", model_options={"remat_policy": "full"})
