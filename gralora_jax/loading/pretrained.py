@@ -292,7 +292,7 @@ def load_pretrained(
     options = dict(model_options or {})
     scan = bool(options.pop("scan_layers", False))
     model = build_model(config, dtype=dtype, param_dtype=param_dtype, model_family=model_family, use_ours=use_ours,
-                        model_options=options or None)
+                        model_options={**options, "scan_layers": False} if model_options else None)
     shapes = param_shapes(model)
     params = load_params(src, shapes, tie_word_embeddings=getattr(config, "tie_word_embeddings", False), strict=strict)
 
