@@ -64,6 +64,7 @@ _TABLE = (
     _decoder("mistral", "gralora_jax.models.llama:MistralForCausalLM", flax_rope_10000=True),
     _decoder("gemma", "gralora_jax.models.gemma:GemmaForCausalLM", flax_rope_10000=True),
     _decoder("gemma2", "gralora_jax.models.gemma:Gemma2ForCausalLM"),
+    _decoder("gemma3_text", "gralora_jax.models.gemma:Gemma3ForCausalLM"),
     Family("gpt2", default_targets=("c_attn",), tied_head=("lm_head/kernel", "transformer/wte/embedding")),
     Family("gptj"),
     Family("opt"),

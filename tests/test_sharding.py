@@ -182,6 +182,7 @@ def _families():
         "qwen3": (_ours(lambda: tf.Qwen3Config(head_dim=16, **dec)), _DECODER, False),
         "gemma": (_ours(lambda: tf.GemmaConfig(head_dim=8, **dec)), _DECODER, False),
         "gemma2": (_ours(lambda: tf.Gemma2Config(head_dim=8, **dec)), _DECODER, False),
+        "gemma3_text": (_ours(lambda: tf.Gemma3TextConfig(head_dim=8, **dec)), _DECODER, False),
         "gpt2": (_hf("FlaxGPT2LMHeadModel", lambda: tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
                                                                   n_positions=32)),
                  [("attn/c_attn", COL), ("attn/c_proj", ROW), ("mlp/c_fc", COL), ("mlp/c_proj", ROW), ("wte", EMB)], True),

@@ -1,6 +1,6 @@
 """Our own flax.linen causal LMs with transformers' Flax parameter names.
 
-Llama (incl. llama3 rope scaling), Qwen2, Mistral, Gemma, Gemma2; see ``decoder.py``
+Llama (incl. llama3 rope scaling), Qwen2, Qwen3, Mistral, Gemma, Gemma2, Gemma3 (text); see ``decoder.py``
 for the tree layout and numerics, ``causal_lm.py`` for the call convention,
 ``auto.py`` for loading checkpoints, ``generation.py`` for KV-cache decoding.
 """
@@ -10,7 +10,7 @@ from gralora_jax.models.causal_lm import CausalLM
 from gralora_jax.models.decoder import CausalLMOutput
 from gralora_jax.models.generation import generate
 from gralora_jax.models.inputs import check_token_ids
-from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
+from gralora_jax.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from gralora_jax.models.losses import chunked_cross_entropy
 from gralora_jax.models.layout import stack_layer_params, unstack_layer_params
@@ -30,6 +30,7 @@ __all__ = [
     "CausalLMOutput",
     "DecoderSpec",
     "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "GemmaForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",

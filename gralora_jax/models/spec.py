@@ -59,7 +59,7 @@ class DecoderSpec:
     head_dim: int  # per-head width
     rms_norm_eps: float  # RMSNorm epsilon
     hidden_act: str  # MLP activation name (silu, gelu, gelu_pytorch_tanh, ...)
-    rope: RopeSpec  # rotary embedding parameters
+    rope: RopeSpec  # rotary embedding parameters (Gemma3: of the full-attention layers)
     windows: tuple  # per layer: sliding window length (tokens incl. self) or None
     qkv_bias: bool = False  # bias on q/k/v projections
     o_bias: bool = False  # bias on o_proj
@@ -68,7 +68,8 @@ class DecoderSpec:
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight); Gemma uses 1
     embed_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     sandwich_norms: bool = False  # Gemma2: post-attention and pre/post feed-forward norms
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k (q_norm, k_norm) before rope
+    qk_norm: bool = False  # Qwen3/Gemma3: RMSNorm over head_dim on q and k (q_norm, k_norm) before rope
+    local_rope: Optional[RopeSpec] = None  # Gemma3: rotary of the sliding-window layers; None -> rope everywhere
     query_scale: Optional[float] = None  # attention logit scale; None -> head_dim ** -0.5
     attn_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of attention logits
     final_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of output logits
@@ -175,8 +176,19 @@ def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
     )
     if model_type == "qwen3":
         fields.update(qk_norm=True)
-    if model_type in ("gemma", "gemma2"):
+    if model_type in ("gemma", "gemma2", "gemma3_text"):
         fields.update(norm_offset=1.0, embed_scale=True)
+    if model_type == "gemma3_text":
+        fields.update(
+            qk_norm=True,
+            sandwich_norms=True,
+            query_scale=float(config.query_pre_attn_scalar) ** -0.5,
+            attn_logit_softcap=getattr(config, "attn_logit_softcapping", None),
+            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+            # sliding layers: rope_local_base_freq, no scaling (rope_theta / rope_scaling are the global layers')
+            local_rope=RopeSpec(theta=float(config.rope_local_base_freq), rotary_dim=int(head_dim),
+                                max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048))),
+        )
     if model_type == "gemma2":
         fields.update(
             sandwich_norms=True,
