@@ -6,6 +6,7 @@
 """
 
 from gralora_jax import tree
+from gralora_jax.families import FAMILIES, Family
 from gralora_jax.config import GraLoRAConfig, LoRAConfig, load_adapter_config
 from gralora_jax.layers import (
     GraLoRADense,
@@ -30,6 +31,8 @@ from gralora_jax.hostdevices import ensure_host_devices
 from gralora_jax.distributed import DistributedConfig, gather_to_host, maybe_initialize_distributed, put_global
 
 __all__ = [
+    "FAMILIES",
+    "Family",
     "Checkpointer",
     "CorruptCheckpointError",
     "DistributedConfig",

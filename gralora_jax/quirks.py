@@ -86,4 +86,6 @@ def patch_t5_clip() -> list[str]:
 def is_t5_model(model) -> bool:
     """True for transformers' Flax T5-family models (by their module or ``config.model_type``)."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
-    return mt in ("t5", "mt5", "longt5", "umt5") or type(model).__module__ in T5_MODULES
+    from gralora_jax.families import is_t5_like
+
+    return is_t5_like(mt) or type(model).__module__ in T5_MODULES

@@ -83,7 +83,7 @@ _T5_RULES = _family(column=[r"(SelfAttention|EncDecAttention)/(q|k|v)", r"DenseR
 # replicated). Norms, position embeddings, small heads and anything unmatched: replicated.
 # A model type missing here cannot use a mesh with a model or fsdp axis (see param_partition_specs).
 RULES: dict[str, list[tuple[str, P]]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2"), _DECODER_RULES),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), _DECODER_RULES),
     "gpt2": _family(column=[r"h/\d+/attn/c_attn", r"h/\d+/mlp/c_fc"], row=[r"h/\d+/attn/c_proj", r"h/\d+/mlp/c_proj"],
                     embeddings=["wte"], out_in=True),
     "gptj": _family(column=[r"attn/(q|k|v)_proj", r"mlp/fc_in"], row=[r"attn/out_proj", r"mlp/fc_out"],

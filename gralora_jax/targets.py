@@ -19,15 +19,13 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional, Sequence, Union
 
+from gralora_jax.families import FAMILIES
+
 OUTPUT_HEADS = ("lm_head", "classifier", "qa_outputs", "score", "cls", "head")
 
 # What PEFT targets when ``target_modules`` is None, per ``config.model_type`` (the families we test).
-DEFAULT_TARGET_MODULES = {
-    **dict.fromkeys(("llama", "mistral", "gemma", "gemma2", "qwen2", "opt", "gptj", "bart"), ("q_proj", "v_proj")),
-    "gpt2": ("c_attn",),
-    **dict.fromkeys(("bert", "roberta", "electra"), ("query", "value")),
-    **dict.fromkeys(("t5", "mt5"), ("q", "v")),
-}
+# (From the family table, gralora_jax.families.)
+DEFAULT_TARGET_MODULES = {t: f.default_targets for t, f in FAMILIES.items()}
 
 
 def default_target_modules(model_type: Optional[str]) -> Optional[tuple[str, ...]]:

@@ -306,6 +306,24 @@ def test_load_pretrained_prefers_our_models(ids, tmp_path):
         load_pretrained(tmp_path / "g", use_ours=True)
 
 
+@pytest.mark.parametrize("shard", [None, "20KB"], ids=["single", "sharded"])
+def test_load_pretrained_qwen3(ids, tmp_path, shard):
+    cfg = transformers.Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(10)
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial q/k norm weights, so a dropped or misplaced norm shows
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
+    ours, params = load_pretrained(tmp_path)
+    assert type(ours).__name__ == "Qwen3ForCausalLM"
+    np.testing.assert_allclose(np.asarray(ours(ids, params=params).logits), _torch_logits(model, ids), atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------ GGUF
 def _llama_cpp_permute(w, n_heads):
     """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute), written out for the test."""
@@ -316,16 +334,20 @@ _GGUF_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
 }
 
 
-def _write_gguf(model, path, qtype_name):
-    """A llama.cpp-style GGUF of a torch Llama: renamed, q/k permuted, 2-D weights quantised."""
+def _write_gguf(model, path, qtype_name, arch="llama"):
+    """A llama.cpp-style GGUF of a torch Llama (or Qwen3): renamed, q/k permuted (Llama only), 2-D weights quantised."""
     import gguf
 
     qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
     c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "qwen3":
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -349,9 +371,9 @@ def _write_gguf(model, path, qtype_name):
             _, _, i, rest = k.split(".", 3)
             mod = rest.rsplit(".", 1)[0]
             name = f"blk.{i}.{_GGUF_NAMES[mod]}.weight"
-            if mod == "self_attn.q_proj":
+            if mod == "self_attn.q_proj" and arch == "llama":
                 v = _llama_cpp_permute(v, c.num_attention_heads)
-            elif mod == "self_attn.k_proj":
+            elif mod == "self_attn.k_proj" and arch == "llama":
                 v = _llama_cpp_permute(v, c.num_key_value_heads)
         if v.ndim == 2 and qtype_name != "F32":
             w.add_tensor(name, gguf.quants.quantize(v, qtype), raw_dtype=qtype)
@@ -395,6 +417,32 @@ def test_gguf_state_dict_and_logits(gguf_llama, ids, tmp_path, qtype):
     # and load_pretrained takes the .gguf path directly
     fm, params = load_pretrained(path, use_ours=False)
     np.testing.assert_allclose(np.asarray(fm(ids, params=params).logits), _torch_logits(back, ids), atol=1e-4)
+
+
+def test_gguf_qwen3(ids, tmp_path):
+    """GGUF arch qwen3: q/k norms come through, rotary rows are not permuted, head_dim from key_length."""
+    from gralora_jax.loading import load_gguf
+
+    torch.manual_seed(11)
+    tm = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rope_theta=1000000.0,
+        tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        for n, p in tm.named_parameters():
+            if "_norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    path = tmp_path / "tiny-qwen3.gguf"
+    _write_gguf(tm, path, "F32", arch="qwen3")
+    config, sd, _ = load_gguf(path, with_tokenizer=False)
+    assert type(config).__name__ == "Qwen3Config" and config.head_dim == 16 and config.tie_word_embeddings
+    ref = {k: v.numpy() for k, v in tm.state_dict().items() if k != "lm_head.weight"}
+    assert set(sd) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(sd[k], ref[k], err_msg=k)
+    model, params = load_pretrained(path)
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    np.testing.assert_allclose(np.asarray(model(ids, params=params).logits), _torch_logits(tm, ids), atol=1e-4)
 
 
 def test_gguf_wrong_architecture(tmp_path):
@@ -508,3 +556,30 @@ def test_load_tokenizer_local(tmp_path):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(tmp_path)
     assert load_tokenizer(tmp_path)("hello world there").input_ids == [1, 2, 0]
+
+
+def test_load_pretrained_gemma3_sharded(ids, tmp_path):
+    cfg = transformers.Gemma3TextConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=3,
+                                        query_pre_attn_scalar=24, max_position_embeddings=64,
+                                        layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(12)
+    tm = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma norms store weight - 1 (zeros at init): perturb so the offset matters
+        for n, p in tm.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    tm.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours, params = load_pretrained(tmp_path)
+    assert type(ours).__name__ == "Gemma3ForCausalLM" and "lm_head" not in params  # tied
+    np.testing.assert_allclose(np.asarray(ours(ids, params=params).logits), _torch_logits(tm, ids), atol=1e-4)
+
+
+def test_model_options_need_our_models(tmp_path):
+    _llama_config().save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"model_options \['scan_layers'\] need gralora_jax.models"):
+        load_pretrained(tmp_path / "llama", use_ours=False, model_options={"scan_layers": True})
+    transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="no model for model_type 'gpt2'"):
+        load_pretrained(tmp_path / "gpt2", model_options={"remat_policy": "full"})

@@ -23,14 +23,15 @@ def build(cls_name="LlamaConfig", seed=0, **extra):
     cfg = getattr(transformers, cls_name)(**{**SMALL, **extra})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    tm = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))(cfg).eval()
+    tm = getattr(transformers, cls_name.replace("TextConfig", "Config").replace("Config", "ForCausalLM"))(cfg).eval()
     with torch.no_grad():  # sharper distributions than the 0.02 init, so decoding is not a tie-fest
         for name, p in tm.named_parameters():
             if "norm" not in name:
                 p.mul_(8.0)
     model = auto_model(cfg)
     sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-    params = jax.tree_util.tree_map(jnp.asarray, torch_to_flax_params(sd, model.params_shape_tree))
+    params = jax.tree_util.tree_map(jnp.asarray, torch_to_flax_params(
+        sd, model.params_shape_tree, tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False))))
     return cfg, tm, model, params
 
 
@@ -109,6 +110,25 @@ def test_mistral_window_and_scan_greedy():
     assert_same(generate(model, params, ids, mask, NEW), want, 0)
     scanned = auto_model(cfg, scan_layers=True)
     assert_same(generate(scanned, stack_layer_params(params), ids, mask, NEW), want, 0)
+
+
+def test_qwen3_qk_norm_greedy_unrolled_and_scanned():
+    cfg, tm, model, params = build("Qwen3Config", seed=4, head_dim=24)
+    ids, mask = prompts(seed=5)
+    want = torch_generate(tm, ids, mask, eos_token_id=None, pad_token_id=0)
+    assert_same(generate(model, params, ids, mask, NEW), want, 0)
+    scanned = auto_model(cfg, scan_layers=True)
+    assert_same(generate(scanned, stack_layer_params(params), ids, mask, NEW), want, 0)
+
+
+def test_gemma3_local_global_rope_greedy():
+    cfg, tm, model, params = build("Gemma3TextConfig", seed=6, head_dim=16, sliding_window=3, query_pre_attn_scalar=24,
+                                   rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                                   rope_scaling=dict(rope_type="linear", factor=2.0),
+                                   layer_types=["sliding_attention", "full_attention"])
+    ids, mask = prompts(seed=7)
+    want = torch_generate(tm, ids, mask, eos_token_id=None, pad_token_id=0)
+    assert_same(generate(model, params, ids, mask, NEW), want, 0)
 
 
 def test_apply_wrapper_is_entered_inside_trace(llama):

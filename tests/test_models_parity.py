@@ -34,8 +34,12 @@ CASES = {
     "llama_dynamic": ("LlamaConfig", dict(max_position_embeddings=8, rope_scaling=dict(type="dynamic", factor=2.0))),
     "llama_bias_partial": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True, head_dim=24)),
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    "qwen3_headdim_tied": ("Qwen3Config", dict(head_dim=24, rope_theta=1000000.0, tie_word_embeddings=True)),
     "mistral_window": ("MistralConfig", dict(sliding_window=4)),
     "gemma": ("GemmaConfig", dict(head_dim=16, hidden_activation="gelu_pytorch_tanh")),
+    "gemma3_text": ("Gemma3TextConfig", dict(
+        head_dim=16, sliding_window=4, query_pre_attn_scalar=24, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling=dict(rope_type="linear", factor=2.0), layer_types=["sliding_attention", "full_attention"])),
     "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
 }
@@ -45,7 +49,7 @@ def make_torch_model(cls_name, extra, seed=0):
     cfg = getattr(transformers, cls_name)(**{**SMALL, **extra})
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model_cls = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))
+    model_cls = getattr(transformers, cls_name.replace("TextConfig", "Config").replace("Config", "ForCausalLM"))
     tm = model_cls(cfg).eval()
     with torch.no_grad():
         for name, p in tm.named_parameters():
@@ -102,7 +106,10 @@ def test_logits_match_torch(case):
 def test_tree_names_follow_hf_flax(case):
     name, cfg, tm, model, params, *_ = case
     layer = params["model"]["layers"]["0"]
-    assert set(layer["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    qk_norm = {"q_norm", "k_norm"} if name.startswith(("qwen3", "gemma3")) else set()
+    assert set(layer["self_attn"]) == {"q_proj", "k_proj", "v_proj", "o_proj"} | qk_norm
+    if qk_norm:  # per-head norms: weight [head_dim]
+        assert layer["self_attn"]["k_norm"]["weight"].shape == (cfg.head_dim,)
     assert set(layer["mlp"]) == {"gate_proj", "up_proj", "down_proj"}
     assert "embedding" in params["model"]["embed_tokens"] and "weight" in params["model"]["norm"]
     assert ("lm_head" in params) == (not cfg.tie_word_embeddings)

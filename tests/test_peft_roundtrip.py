@@ -48,7 +48,18 @@ BASES = {
     "llama": (transformers.LlamaForCausalLM, _llama_config),
     "llama_bias": (transformers.LlamaForCausalLM, lambda: _llama_config(attention_bias=True)),
     "gpt2": (transformers.GPT2LMHeadModel, _gpt2_config),
+    "qwen3": (transformers.Qwen3ForCausalLM, lambda: transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, attn_implementation="eager")),
+    "gemma3_text": (transformers.Gemma3ForCausalLM, lambda: transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")),
 }
+
+
+# Families with no transformers Flax class: loaded into our models.
+_OURS_ONLY = ("qwen3", "gemma3_text")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +79,7 @@ def bases(tmp_path_factory):
                             p.normal_(0, 0.1)
             d = tmp_path_factory.mktemp(name)
             m.save_pretrained(d)
-            model, params = load_pretrained(str(d), use_ours=False)
+            model, params = load_pretrained(str(d), use_ours=name in _OURS_ONLY)
             cache[name] = (d, model, params)
         return cache[name]
 
@@ -114,6 +125,8 @@ HERE_TO_PEFT = {
     "gpt2_gralora_hybrid": ("gpt2", GraLoRAConfig(r=4, alpha=8, gralora_k=2, hybrid_r=2, init_weights=False,
                                                   target_modules=["c_attn", "c_proj", "c_fc"]), False),
     "bias_all": ("llama_bias", GraLoRAConfig(r=4, alpha=8, gralora_k=2, bias="all", target_modules=["q_proj", "up_proj", "o_proj"]), True),
+    "qwen3_gralora_hybrid": ("qwen3", GraLoRAConfig(r=4, alpha=8, gralora_k=2, hybrid_r=2, init_weights=False,
+                                                    target_modules=["q_proj", "k_proj", "down_proj"]), False),
 }
 
 
@@ -142,6 +155,10 @@ PEFT_TO_HERE = {
                                                         target_modules=["c_attn", "c_proj", "c_fc"])),
     "bias_all": ("llama_bias", lambda: peft.GraloraConfig(r=4, alpha=8, gralora_k=2, bias="all", init_weights=False,
                                                           target_modules=["q_proj", "v_proj"])),
+    "gemma3_gralora_hybrid": ("gemma3_text", lambda: peft.GraloraConfig(
+        r=4, alpha=8, gralora_k=2, hybrid_r=2, init_weights=False, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "qwen3_gralora": ("qwen3", lambda: peft.GraloraConfig(r=4, alpha=8, gralora_k=2, init_weights=False,
+                                                          target_modules=["k_proj", "o_proj", "up_proj"])),
     "bias_gralora_only": ("llama_bias", lambda: peft.GraloraConfig(r=4, alpha=8, gralora_k=2, bias="gralora_only",
                                                                    init_weights=False, target_modules=["q_proj"])),
 }

@@ -245,3 +245,27 @@ def test_hidden_fn_may_skip_an_adapted_lm_head(base):
     h = jax.eval_shape(lambda p: gm.hidden_fn(p, jnp.asarray(IDS)), gm.params)
     assert h.shape == (2, 8, 32)
     jax.eval_shape(lambda p: gm.logits_fn(p, jnp.asarray(IDS)), gm.params)
+
+
+def test_qwen3_peft_adapter_in_scanned_model_with_qk_norm(tmp_path):
+    """Qwen3's q_norm/k_norm stack with the layers; a PEFT GraLoRA adapter on its q/k lands in the scan."""
+    cfg = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(2)
+    tm = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in tm.named_parameters():
+            if "_norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    tm.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(tm, peft.GraloraConfig(r=4, alpha=8, gralora_k=2, hybrid_r=2, init_weights=False,
+                                                    target_modules=["q_proj", "k_proj"])).eval()
+    ref = _torch_logits(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    sm, sp = from_pretrained(tmp_path / "base", scan_layers=True)
+    assert sp["model"]["layers"]["scan"]["self_attn"]["q_norm"]["weight"].shape == (2, 16)
+    gm = GraLoRAModel.from_pretrained(sm, str(tmp_path / "adapter"), params=sp)
+    assert all(p.startswith("model/layers/scan/self_attn/") for p in tree_lib.flatten(gm.adapter_params()))
+    np.testing.assert_allclose(_logits(gm), ref, atol=ATOL, rtol=ATOL)
+    assert np.abs(ref - _logits(gm, sp)).max() > 10 * ATOL

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from gralora_jax import families
 from gralora_jax.tree import ADAPTER_LEAVES, flatten, unflatten
 
 # torch leaf name -> Flax leaf names it may become, in order of preference.
@@ -64,10 +65,8 @@ IGNORABLE_UNEXPECTED = (
 )
 
 # Torch keys whose module is tied to the input embedding: (head kernel path, embedding path).
-TIED_HEADS = (
-    ("lm_head/kernel", "model/embed_tokens/embedding"),
-    ("lm_head/kernel", "transformer/wte/embedding"),
-)
+# (From the family table, gralora_jax.families.)
+TIED_HEADS = families.tied_heads()
 
 
 def is_floating(x) -> bool:

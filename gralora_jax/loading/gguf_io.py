@@ -1,4 +1,4 @@
-"""llama.cpp GGUF files (Llama architecture) -> HF config, HF PyTorch-named state dict, tokenizer.
+"""llama.cpp GGUF files (the family table's GGUF architectures: llama, qwen3) -> HF config, HF PyTorch-named state dict, tokenizer.
 
 GGUF stores llama.cpp's own tensor names (``blk.3.attn_q.weight``), possibly
 quantised (Q8_0, Q4_1, ...). We dequantise every tensor with ``gguf.quants.dequantize``
@@ -9,9 +9,10 @@ One real transform is needed: llama.cpp's converter reorders the rows of the q a
 k projections of every head from HF's "rotate halves" rotary layout
 (``[x0..x_{d/2-1}, y0..y_{d/2-1}]``) to llama.cpp's interleaved pairs
 (``[x0, y0, x1, y1, ...]``). :func:`unpermute_rotary` undoes it: per head, rows
-``(d/2, 2)`` -> ``(2, d/2)``. k uses the kv-head count.
+``(d/2, 2)`` -> ``(2, d/2)``. k uses the kv-head count. Only for families whose
+table entry says so (``Family.gguf_rotary_permuted``): Qwen3's converter keeps HF's layout.
 
-The config comes from the ``llama.*`` metadata (``llama.rope.freq_base`` ->
+The config (the family's transformers config class) comes from the ``<arch>.*`` metadata (``llama.rope.freq_base`` ->
 ``rope_theta``); a missing ``output.weight`` means tied embeddings. The tokenizer is
 transformers' GGUF tokenizer conversion (``AutoTokenizer.from_pretrained(dir,
 gguf_file=name, trust_remote_code=False)``), which reads the metadata only (no torch).
@@ -26,9 +27,13 @@ import warnings
 
 import numpy as np
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+from gralora_jax import families
 
-# GGUF tensor name (per-layer names with {i}) -> transformers Llama key. Rules as data.
+# The GGUF architectures we read (from the family table).
+SUPPORTED_ARCHITECTURES = families.gguf_architectures()
+
+# GGUF tensor name (per-layer names with {i}) -> transformers key, common to llama.cpp's decoders.
+# Rules as data; a family's own extra names are in its family-table entry (Family.gguf_names).
 _LLAMA_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -93,9 +98,8 @@ def _arch(meta: dict, path) -> str:
 
 
 def _config_from_meta(meta: dict, has_output: bool, vocab_rows: int | None):
-    from transformers import LlamaConfig
-
     a = _arch(meta, "gguf")
+    config_class = families.model_class(families.gguf_family(a).model_type).config_class
 
     def need(key):
         full = f"{a}.{key}"
@@ -118,14 +122,14 @@ def _config_from_meta(meta: dict, has_output: bool, vocab_rows: int | None):
         rms_norm_eps=float(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(meta.get(f"{a}.rope.freq_base", 10000.0)),
         tie_word_embeddings=not has_output,
-        architectures=["LlamaForCausalLM"],
+        architectures=[config_class.__name__.replace("Config", "ForCausalLM")],
     )
     if meta.get(f"{a}.rope.scaling.type") == "linear":
         kw["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{a}.rope.scaling.factor"])}
     for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{theirs}" in meta:
             kw[ours] = int(meta[f"tokenizer.ggml.{theirs}"])
-    return LlamaConfig(**kw)
+    return config_class(**kw)
 
 
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -146,11 +150,12 @@ def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, d2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, family: families.Family) -> str | None:
+    names = {**_LLAMA_NAMES, **dict(family.gguf_names)}
     m = _LAYER_RE.match(gguf_name)
     if m:
-        return _LLAMA_NAMES.get("blk.{i}." + m.group(2), "").replace("{i}", m.group(1)) or None
-    return _LLAMA_NAMES.get(gguf_name)
+        return names.get("blk.{i}." + m.group(2), "").replace("{i}", m.group(1)) or None
+    return names.get(gguf_name)
 
 
 def _dequantize(t) -> np.ndarray:
@@ -161,7 +166,7 @@ def _dequantize(t) -> np.ndarray:
 
 
 def load_gguf_config(path: str | os.PathLike):
-    """Only the transformers ``LlamaConfig`` of a GGUF file."""
+    """Only the transformers config (LlamaConfig, Qwen3Config) of a GGUF file."""
     reader = _reader(path)
     names = {t.name: t for t in reader.tensors}
     emb = names.get("token_embd.weight")
@@ -190,14 +195,14 @@ def load_gguf_tokenizer(path: str | os.PathLike):
 
 
 def load_gguf(path: str | os.PathLike, *, dtype=np.float32, with_tokenizer: bool = True):
-    """A GGUF Llama -> ``(LlamaConfig, {HF torch key: numpy array}, tokenizer or None)``.
+    """A GGUF decoder -> ``(transformers config, {HF torch key: numpy array}, tokenizer or None)``.
 
     Every tensor is dequantised to float32, q/k rows un-permuted, then cast to ``dtype``.
     ``with_tokenizer=False`` skips the tokenizer (third item None).
     """
     reader = _reader(path)
     meta = _meta(reader)
-    _arch(meta, path)
+    family = families.gguf_family(_arch(meta, path))
     tensors = {t.name: t for t in reader.tensors}
     emb = tensors.get("token_embd.weight")
     config = _config_from_meta(meta, "output.weight" in tensors, int(emb.shape[-1]) if emb is not None else None)
@@ -208,14 +213,14 @@ def load_gguf(path: str | os.PathLike, *, dtype=np.float32, with_tokenizer: bool
             if name == "rope_freqs.weight":
                 warnings.warn(f"{path}: rope_freqs (llama3 rope scaling) is ignored; set rope_scaling on the config")
             continue
-        key = _hf_name(name)
+        key = _hf_name(name, family)
         if key is None:
             unknown.append(name)
             continue
         w = _dequantize(t).astype(np.float32)
-        if key.endswith("q_proj.weight"):
+        if family.gguf_rotary_permuted and key.endswith("q_proj.weight"):
             w = unpermute_rotary(w, config.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
+        elif family.gguf_rotary_permuted and key.endswith("k_proj.weight"):
             w = unpermute_rotary(w, config.num_key_value_heads)
         state_dict[key] = w.astype(dtype)
     if unknown:

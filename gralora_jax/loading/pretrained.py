@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gralora_jax import fileio
+from gralora_jax import families, fileio
 from gralora_jax.loading.convert import is_floating, match_flax_params, torch_to_flax_params
 from gralora_jax.loading.safetensors_io import INDEX_FILE, SINGLE_FILE, read_safetensors, read_weight_map
 from gralora_jax.tree import flatten, unflatten
@@ -52,8 +52,8 @@ _FAMILIES = {
     "base": "FlaxAutoModel",
 }
 
-# transformers Flax models that hard-code rotary base 10000 and ignore rope_scaling.
-_FLAX_ROPE_10000 = ("llama", "mistral", "gemma")
+# transformers Flax models that hard-code rotary base 10000 and ignore rope_scaling (from the family table).
+_FLAX_ROPE_10000 = tuple(t for t, f in families.FAMILIES.items() if f.flax_rope_10000)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -131,20 +131,13 @@ def _without_remote_code(from_pretrained, path: str, described: str, **kw):
 
 
 # ---------------------------------------------------------------------------------------------- models
-def _ours(config, dtype, param_dtype):
-    """Our own model for this config, or None when gralora_jax.models can't build it."""
-    try:
-        from gralora_jax import models as ours
-    except ImportError:
+def _ours(config, dtype, param_dtype, options):
+    """Our own model for this config (``options``: scan_layers, remat_policy, ...), or None when we have none."""
+    if families.model_class(getattr(config, "model_type", None)) is None:
         return None
-    auto = getattr(ours, "auto_model", None)
-    supported = getattr(ours, "SUPPORTED_MODEL_TYPES", None)
-    if auto is None or (supported is not None and config.model_type not in supported):
-        return None
-    try:
-        return auto(config, dtype=dtype, param_dtype=param_dtype)
-    except TypeError:
-        return auto(config, dtype=dtype)
+    from gralora_jax.models.auto import auto_model
+
+    return auto_model(config, dtype=dtype, param_dtype=param_dtype, **options)
 
 
 def _transformers_class(config, model_family: str | None):
@@ -167,13 +160,20 @@ def _transformers_class(config, model_family: str | None):
         raise ValueError(f"transformers has no {_FAMILIES[model_family]} class for model_type {config.model_type!r}") from None
 
 
-def build_model(config, *, dtype=jnp.float32, param_dtype=None, model_family=None, use_ours=None):
-    """The (uninitialised) model for ``config``: ours if possible and allowed, else transformers Flax."""
+def build_model(config, *, dtype=jnp.float32, param_dtype=None, model_family=None, use_ours=None,
+                model_options=None):
+    """The (uninitialised) model for ``config``: ours if possible and allowed, else transformers Flax.
+
+    ``model_options`` (``scan_layers``, ``remat_policy``, ``attn_implementation``, ...) go to our
+    model class and need one.
+    """
+    if model_options and use_ours is False:
+        raise ValueError(f"model_options {sorted(model_options)} need gralora_jax.models (use_ours is False)")
     if use_ours is not False and model_family in (None, "causal_lm"):
-        model = _ours(config, dtype, param_dtype or dtype)
+        model = _ours(config, dtype, param_dtype or dtype, dict(model_options or {}))
         if model is not None:
             return model
-        if use_ours:
+        if use_ours or model_options:
             raise ValueError(f"gralora_jax.models has no model for model_type {config.model_type!r}")
     cls = _transformers_class(config, model_family)
     if config.model_type in _FLAX_ROPE_10000:
@@ -264,6 +264,7 @@ def load_pretrained(
     revision: str | None = None,
     strict: bool = True,
     as_numpy: bool = False,
+    model_options: dict | None = None,
 ):
     """Load an HF checkpoint (dir, hub id or ``.gguf`` file) -> ``(model, params)``.
 
@@ -279,13 +280,19 @@ def load_pretrained(
       revision: hub revision (branch, tag or commit) for hub ids.
       strict: missing/unexpected weights are an error (tied heads excepted).
       as_numpy: return host numpy arrays instead of jax arrays.
+      model_options: options of our model class (``scan_layers``, ``remat_policy``,
+        ``attn_implementation``, ``attention_mask_mode``); with ``scan_layers`` the weights are
+        read into the unrolled tree, then stacked.
 
     Returns ``(model, params)`` with ``model(input_ids, params=params).logits``.
     """
     src = resolve_source(path_or_hub_id, revision)
     config = load_config(src)
     param_dtype = param_dtype or dtype
-    model = build_model(config, dtype=dtype, param_dtype=param_dtype, model_family=model_family, use_ours=use_ours)
+    options = dict(model_options or {})
+    scan = bool(options.pop("scan_layers", False))
+    model = build_model(config, dtype=dtype, param_dtype=param_dtype, model_family=model_family, use_ours=use_ours,
+                        model_options={**options, "scan_layers": False} if model_options else None)
     shapes = param_shapes(model)
     params = load_params(src, shapes, tie_word_embeddings=getattr(config, "tie_word_embeddings", False), strict=strict)
 
@@ -294,6 +301,12 @@ def load_pretrained(
         return x if as_numpy else jnp.asarray(x)
 
     params = jax.tree_util.tree_map(cast, params)
+    if scan:
+        from gralora_jax.models.layout import stack_layer_params
+
+        params = stack_layer_params(params)
+        model = build_model(config, dtype=dtype, param_dtype=param_dtype, use_ours=True,
+                            model_options={**options, "scan_layers": True})
     if not hasattr(model, "_do_init"):  # ours (not a transformers Flax model): also keep them on the model
         try:
             model.params = params

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from gralora_jax import families
 from gralora_jax.loading.convert import is_floating
 from gralora_jax.loading.pretrained import build_model, load_config, load_params, param_shapes, resolve_source
 from gralora_jax.tree import flatten, unflatten
@@ -134,7 +135,7 @@ def load_pretrained_sharded(
     if specs is None:
         if rules is None:
             model_type = getattr(config, "model_type", "default")
-            rules = model_type if model_type in sharding_lib.RULES else "default"
+            rules = model_type if families.sharding_rules(model_type) is not None else "default"
         specs = sharding_lib.param_partition_specs(views, rules, mesh)
     flat_specs = flatten(specs)
     flat = {p: place_host_leaf(v, jax.sharding.NamedSharding(mesh, flat_specs[p]), param_dtype)

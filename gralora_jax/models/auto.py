@@ -5,10 +5,8 @@
 ...     num_hidden_layers=1, intermediate_size=128, vocab_size=128))).__name__
 'Qwen2ForCausalLM'
 
-:func:`from_pretrained` reads ``config.json`` and the safetensors weights (single file or
-sharded, via :mod:`gralora_jax.loading`), maps them onto the unrolled parameter tree and,
-for ``scan_layers=True``, stacks the layers. Hub ids are downloaded by
-``gralora_jax.loading.resolve_source``.
+:func:`from_pretrained` is :func:`gralora_jax.loading.load_pretrained` with ``use_ours=True``
+(one loader: config reader, weight mapping, dtype cast; ``scan_layers=True`` stacks the layers).
 """
 
 from __future__ import annotations
@@ -16,22 +14,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from gralora_jax.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
-from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from gralora_jax import families
 from gralora_jax.models.spec import SUPPORTED_MODEL_TYPES
 
-MODEL_CLASSES = {
-    "llama": LlamaForCausalLM,
-    "qwen2": Qwen2ForCausalLM,
-    "mistral": MistralForCausalLM,
-    "gemma": GemmaForCausalLM,
-    "gemma2": Gemma2ForCausalLM,
-}
-assert set(MODEL_CLASSES) == set(SUPPORTED_MODEL_TYPES)
+# model_type -> our Flax model class (from the family table).
+MODEL_CLASSES = {t: families.model_class(t) for t in SUPPORTED_MODEL_TYPES}
 
 
 def _load_config(config_or_dir: Any):
@@ -72,26 +61,7 @@ def from_pretrained(path_or_hub_id: Any, *, dtype=jnp.float32, param_dtype=None,
     embeddings the model has no ``lm_head`` parameter; a checkpoint's ``lm_head.weight``
     (if saved) is then ignored. ``kwargs`` as in :func:`auto_model`.
     """
-    from gralora_jax.loading.convert import is_floating
-    from gralora_jax.loading.pretrained import load_params, resolve_source
+    from gralora_jax.loading.pretrained import load_pretrained  # the one loader
 
-    from gralora_jax.models.layout import stack_layer_params
-
-    src = resolve_source(path_or_hub_id, revision)
-    param_dtype = param_dtype or dtype
-    scan = bool(kwargs.pop("scan_layers", False))
-    model = auto_model(src, dtype=dtype, param_dtype=param_dtype, **kwargs)
-    shapes = model.params_shape_tree
-    tie = bool(getattr(model.config, "tie_word_embeddings", False))
-    params = load_params(src, shapes, tie_word_embeddings=tie, strict=strict)
-
-    def cast(x):
-        x = np.asarray(x)
-        return jnp.asarray(x.astype(param_dtype) if is_floating(x) else x)
-
-    params = jax.tree_util.tree_map(cast, params)
-    if scan:
-        model = auto_model(model.config, dtype=dtype, param_dtype=param_dtype, scan_layers=True, **kwargs)
-        params = stack_layer_params(params)
-    model.params = params
-    return model, params
+    return load_pretrained(path_or_hub_id, dtype=dtype, param_dtype=param_dtype, use_ours=True, revision=revision,
+                           strict=strict, model_options=kwargs)

@@ -114,6 +114,9 @@ class Attention(nn.Module):
         q = _dense(s, N * H, s.qkv_bias, "q_proj", self.dtype, self.param_dtype)(x).reshape(B, T, N, H)
         k = _dense(s, K * H, s.qkv_bias, "k_proj", self.dtype, self.param_dtype)(x).reshape(B, T, K, H)
         v = _dense(s, K * H, s.qkv_bias, "v_proj", self.dtype, self.param_dtype)(x).reshape(B, T, K, H)
+        if s.qk_norm:  # Qwen3: per-head RMSNorm (weight [head_dim]) before rope
+            q = RMSNorm(s.rms_norm_eps, s.norm_offset, self.dtype, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(s.rms_norm_eps, s.norm_offset, self.dtype, self.param_dtype, name="k_norm")(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         scale = s.query_scale if s.query_scale is not None else H ** -0.5
@@ -158,6 +161,8 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, cos, sin, key_mask, kv_lengths, cache_index, kv_valid, cache):
         s = self.spec
+        if s.local_rope is not None:  # Gemma3: cos/sin are (global, local) pairs; sliding layers take the local one
+            cos, sin = (cos[1], sin[1]) if self.window is not None else (cos[0], sin[0])
 
         def norm(name):
             return RMSNorm(s.rms_norm_eps, s.norm_offset, self.dtype, self.param_dtype, name=name)
@@ -165,7 +170,7 @@ class DecoderLayer(nn.Module):
         attn_out, new_cache = Attention(s, self.window, self.dtype, self.param_dtype, name="self_attn")(
             norm("input_layernorm")(h), cos, sin, key_mask, kv_lengths, cache, cache_index, kv_valid)
         mlp = MLP(s, self.dtype, self.param_dtype, name="mlp")
-        if s.sandwich_norms:  # Gemma2
+        if s.sandwich_norms:  # Gemma2, Gemma3
             h = h + norm("post_attention_layernorm")(attn_out)
             h = h + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(h)))
         else:
@@ -232,6 +237,9 @@ class DecoderModel(nn.Module):
         if s.embed_scale:
             h = h * jnp.asarray(math.sqrt(s.hidden_size), self.dtype)
         cos, sin = rope_cos_sin(s.rope, position_ids)
+        if s.local_rope is not None:  # Gemma3: (global, local) pairs, picked per layer
+            cos_l, sin_l = rope_cos_sin(s.local_rope, position_ids)
+            cos, sin = (cos, cos_l), (sin, sin_l)
         key_mask = kv_lengths = kv_valid = None
         if cache is not None:
             kv_valid = attention_mask.astype(bool)

@@ -1,8 +1,8 @@
-"""Llama (1/2/3.x), Qwen2/Qwen2.5 and Mistral: one config-driven decoder, three names.
+"""Llama (1/2/3.x), Qwen2/Qwen2.5, Qwen3 and Mistral: one config-driven decoder, four names.
 
 The differences are all read from the transformers config by
 :func:`gralora_jax.models.spec.spec_from_hf_config`: rope_theta / rope_scaling
-(linear, dynamic, llama3), GQA, Qwen2's bias on q/k/v (not o), Mistral's sliding window,
+(linear, dynamic, llama3), GQA, Qwen2's bias on q/k/v (not o), Qwen3's q/k RMSNorm, Mistral's sliding window,
 tied embeddings. The modules are in :mod:`gralora_jax.models.decoder`.
 
 >>> from transformers import LlamaConfig
@@ -16,7 +16,7 @@ tied embeddings. The modules are in :mod:`gralora_jax.models.decoder`.
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from gralora_jax.models.causal_lm import CausalLM
 
@@ -31,3 +31,7 @@ class Qwen2ForCausalLM(CausalLM):
 
 class MistralForCausalLM(CausalLM):
     config_class = MistralConfig
+
+
+class Qwen3ForCausalLM(CausalLM):
+    config_class = Qwen3Config

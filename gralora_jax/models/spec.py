@@ -18,7 +18,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gemma", "gemma2")
+from gralora_jax.families import OUR_MODEL_TYPES
+
+# The model types we have our own Flax model for (from the family table).
+SUPPORTED_MODEL_TYPES = OUR_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 REMAT_POLICIES = (
     "none",  # no rematerialisation
@@ -46,7 +49,7 @@ class RopeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderSpec:
-    model_type: str  # "llama", "qwen2", "mistral", "gemma", "gemma2"
+    model_type: str  # one of SUPPORTED_MODEL_TYPES (gralora_jax.families)
     vocab_size: int  # rows of the embedding
     hidden_size: int  # model width
     intermediate_size: int  # MLP width
@@ -56,7 +59,7 @@ class DecoderSpec:
     head_dim: int  # per-head width
     rms_norm_eps: float  # RMSNorm epsilon
     hidden_act: str  # MLP activation name (silu, gelu, gelu_pytorch_tanh, ...)
-    rope: RopeSpec  # rotary embedding parameters
+    rope: RopeSpec  # rotary embedding parameters (Gemma3: of the full-attention layers)
     windows: tuple  # per layer: sliding window length (tokens incl. self) or None
     qkv_bias: bool = False  # bias on q/k/v projections
     o_bias: bool = False  # bias on o_proj
@@ -65,6 +68,8 @@ class DecoderSpec:
     norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight); Gemma uses 1
     embed_scale: bool = False  # multiply embeddings by sqrt(hidden_size) (Gemma)
     sandwich_norms: bool = False  # Gemma2: post-attention and pre/post feed-forward norms
+    qk_norm: bool = False  # Qwen3/Gemma3: RMSNorm over head_dim on q and k (q_norm, k_norm) before rope
+    local_rope: Optional[RopeSpec] = None  # Gemma3: rotary of the sliding-window layers; None -> rope everywhere
     query_scale: Optional[float] = None  # attention logit scale; None -> head_dim ** -0.5
     attn_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of attention logits
     final_logit_softcap: Optional[float] = None  # Gemma2: tanh soft-capping of output logits
@@ -137,7 +142,7 @@ def _windows(config: Any, model_type: str, n: int) -> tuple:
 
 
 def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
-    """Read a transformers ``PretrainedConfig`` (llama/qwen2/mistral/gemma/gemma2) into a DecoderSpec.
+    """Read a transformers ``PretrainedConfig`` (llama/qwen2/qwen3/mistral/gemma/gemma2) into a DecoderSpec.
 
     ``overrides`` set the run-time fields (``scan_layers``, ``scan_unroll``, ``remat_policy``,
     ``attn_implementation``, ``attention_mask_mode``).
@@ -172,8 +177,21 @@ def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         initializer_range=float(getattr(config, "initializer_range", 0.02)),
     )
-    if model_type in ("gemma", "gemma2"):
+    if model_type == "qwen3":
+        fields.update(qk_norm=True)
+    if model_type in ("gemma", "gemma2", "gemma3_text"):
         fields.update(norm_offset=1.0, embed_scale=True)
+    if model_type == "gemma3_text":
+        fields.update(
+            qk_norm=True,
+            sandwich_norms=True,
+            query_scale=float(config.query_pre_attn_scalar) ** -0.5,
+            attn_logit_softcap=getattr(config, "attn_logit_softcapping", None),
+            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+            # sliding layers: rope_local_base_freq, no scaling (rope_theta / rope_scaling are the global layers')
+            local_rope=RopeSpec(theta=float(config.rope_local_base_freq), rotary_dim=int(head_dim),
+                                max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048))),
+        )
     if model_type == "gemma2":
         fields.update(
             sandwich_norms=True,

@@ -1,0 +1,128 @@
+"""The model-family table: everything the library knows about a ``config.model_type``, in one place.
+
+Each :class:`Family` names our Flax model class (when we have one), the PEFT default target
+modules, the tied output head, the GGUF architecture and the transformers-Flax quirks that
+matter to us. Sharding rules stay data in :data:`gralora_jax.sharding.RULES`; this table is
+where a family's rules are looked up (:func:`sharding_rules`), and building it fails at import
+when a family has no rules, so a family without sharding rules cannot exist.
+
+Everything else (``models.spec.SUPPORTED_MODEL_TYPES``, ``models.auto.MODEL_CLASSES``,
+``targets.DEFAULT_TARGET_MODULES``, ``quirks.is_t5_model``, ``loading.convert.TIED_HEADS``,
+``loading.gguf_io.SUPPORTED_ARCHITECTURES``, the rotary-10000 warning of ``loading.pretrained``)
+is derived from it.
+
+>>> family("qwen2").default_targets
+('q_proj', 'v_proj')
+>>> "gemma2" in OUR_MODEL_TYPES and "bert" not in OUR_MODEL_TYPES
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Optional
+
+from gralora_jax import sharding as _sharding
+
+_DECODER_TIED = ("lm_head/kernel", "model/embed_tokens/embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    # transformers' ``config.model_type``.
+    model_type: str
+    # Our Flax causal-LM class as "module:Name", or None when only transformers' Flax class exists.
+    model_class: Optional[str] = None
+    # What PEFT targets when ``target_modules`` is None.
+    default_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # (head kernel path, embedding path) tied when ``tie_word_embeddings``; None when no tied head.
+    tied_head: Optional[tuple[str, str]] = None
+    # llama.cpp's ``general.architecture`` for this family's GGUF files, None when we read none.
+    gguf_arch: Optional[str] = None
+    # GGUF per-layer tensor names beyond llama.cpp's common decoder ones: (GGUF name, HF key), {i} = layer.
+    gguf_names: tuple[tuple[str, str], ...] = ()
+    # llama.cpp's converter interleaves the q/k rows for its rotary layout (Llama yes, NeoX-style Qwen no).
+    gguf_rotary_permuted: bool = False
+    # transformers' Flax class hard-codes rotary base 10000 and ignores ``rope_scaling``.
+    flax_rope_10000: bool = False
+    # A T5-style encoder-decoder (transformers' Flax T5 quirks apply).
+    t5_like: bool = False
+
+
+def _decoder(model_type: str, cls: str, **kw) -> Family:
+    return Family(model_type, model_class=cls, tied_head=_DECODER_TIED, **kw)
+
+
+_TABLE = (
+    _decoder("llama", "gralora_jax.models.llama:LlamaForCausalLM", gguf_arch="llama", gguf_rotary_permuted=True,
+             flax_rope_10000=True),
+    _decoder("qwen2", "gralora_jax.models.llama:Qwen2ForCausalLM"),
+    _decoder("qwen3", "gralora_jax.models.llama:Qwen3ForCausalLM", gguf_arch="qwen3", gguf_names=(
+        ("blk.{i}.attn_q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+        ("blk.{i}.attn_k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"))),
+    _decoder("mistral", "gralora_jax.models.llama:MistralForCausalLM", flax_rope_10000=True),
+    _decoder("gemma", "gralora_jax.models.gemma:GemmaForCausalLM", flax_rope_10000=True),
+    _decoder("gemma2", "gralora_jax.models.gemma:Gemma2ForCausalLM"),
+    _decoder("gemma3_text", "gralora_jax.models.gemma:Gemma3ForCausalLM"),
+    Family("gpt2", default_targets=("c_attn",), tied_head=("lm_head/kernel", "transformer/wte/embedding")),
+    Family("gptj"),
+    Family("opt"),
+    Family("bart"),
+    *(Family(t, default_targets=("query", "value")) for t in ("bert", "roberta", "electra")),
+    *(Family(t, default_targets=("q", "v"), t5_like=True) for t in ("t5", "mt5")),
+)
+
+# model_type -> Family.
+FAMILIES: dict[str, Family] = {f.model_type: f for f in _TABLE}
+assert len(FAMILIES) == len(_TABLE), "a model_type appears twice in the family table"
+
+_missing = sorted(set(FAMILIES) - set(_sharding.RULES))
+if _missing:
+    raise ImportError(f"gralora_jax.families: no sharding rules in gralora_jax.sharding.RULES for {_missing}")
+
+# transformers' T5-family model types that are not in the table (no rules, no targets) but share its quirks.
+_T5_EXTRA = ("longt5", "umt5")
+
+# The model types we have our own Flax model for, in table order.
+OUR_MODEL_TYPES: tuple[str, ...] = tuple(f.model_type for f in _TABLE if f.model_class)
+
+
+def family(model_type: Optional[str]) -> Optional[Family]:
+    """The table entry for ``model_type`` (None when the family is unknown)."""
+    return FAMILIES.get(model_type)
+
+
+def sharding_rules(model_type: Optional[str]) -> Optional[list]:
+    """The sharding rules of ``model_type`` (None when the family is unknown)."""
+    return _sharding.RULES[model_type] if model_type in FAMILIES else None
+
+
+def model_class(model_type: Optional[str]):
+    """Our Flax model class for ``model_type`` (None when we have none)."""
+    fam = FAMILIES.get(model_type)
+    if fam is None or fam.model_class is None:
+        return None
+    module, name = fam.model_class.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def is_t5_like(model_type: Optional[str]) -> bool:
+    """True for T5-family model types (transformers' Flax T5 quirks apply)."""
+    fam = FAMILIES.get(model_type)
+    return (fam is not None and fam.t5_like) or model_type in _T5_EXTRA
+
+
+def tied_heads() -> tuple[tuple[str, str], ...]:
+    """Every distinct (head kernel path, embedding path) pair of the table, in table order."""
+    return tuple(dict.fromkeys(f.tied_head for f in _TABLE if f.tied_head))
+
+
+def gguf_family(arch: Optional[str]) -> Optional[Family]:
+    """The family whose GGUF files have ``general.architecture == arch`` (None when unknown)."""
+    return next((f for f in _TABLE if f.gguf_arch is not None and f.gguf_arch == arch), None)
+
+
+def gguf_architectures() -> tuple[str, ...]:
+    """The GGUF ``general.architecture`` values we read, in table order."""
+    return tuple(dict.fromkeys(f.gguf_arch for f in _TABLE if f.gguf_arch))
