@@ -45,6 +45,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gralora_jax import tree as tree_lib
 from gralora_jax import fileio
+from gralora_jax import layers
 from gralora_jax.checkpoint import MIN_KEEP, Checkpointer, compare_resume_guard
 from gralora_jax.distributed import global_batch_from_local, is_main_process, put_global
 from gralora_jax.losses import causal_lm_loss, check_chunk_size, chunked_causal_lm_loss
@@ -262,6 +263,7 @@ def make_train_step(
     """
     if grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+    layers.use_gpu_threefry_kernel()  # adapter dropout masks compile in ms, not s, on GPU
     state_specs, frozen_specs = train_state_specs(optimizer, params_shapes, mask, param_specs)
     state_sh = named_shardings(mesh, state_specs)
     frozen_sh = named_shardings(mesh, frozen_specs)

@@ -102,8 +102,10 @@ def test_model_option_rule():
     cfg = make_config()
     assert config_lib.model_options(cfg, small, True) == {"scan_layers": False, "remat_policy": "none",
                                                           "attn_implementation": None}
-    assert config_lib.model_options(cfg, big, True)["scan_layers"] and \
-        config_lib.model_options(cfg, big, True)["remat_policy"] == "none"
+    # depth decides scan (Llama-3.2-1B: 16 layers, unrolled; 28-layer 3B: scanned), size decides remat
+    assert not config_lib.model_options(cfg, big, True, num_layers=16)["scan_layers"]
+    assert config_lib.model_options(cfg, big, True, num_layers=28)["scan_layers"] and \
+        config_lib.model_options(cfg, big, True, num_layers=28)["remat_policy"] == "none"
     assert config_lib.model_options(cfg, huge, True)["remat_policy"] == "full"
     deep = config_lib.model_options(cfg, small, True, num_layers=config_lib.SCAN_FROM_LAYERS)
     assert deep["scan_layers"] and deep["remat_policy"] == "none"  # SmolLM2-135M: 30 layers, scanned
@@ -173,11 +175,11 @@ def test_automatic_scan_adapts_stacked_kernels(cache, tmp_path, monkeypatch):
     from gralora_jax import tree as tree_lib
     from gralora_jax.models.layout import stack_layer_params
 
-    monkeypatch.setattr(config_lib, "SCAN_FROM_PARAMS", 0)
+    monkeypatch.setattr(config_lib, "SCAN_FROM_LAYERS", 0)
     inputs = R.prepare(make_config(cache_dir=str(cache), output_dir=str(tmp_path / "out"), **BRIEF))
     scanned = R.adapt(inputs, *R.load(inputs))
     assert scanned.model.spec.scan_layers and "scan" in scanned.params["model"]["layers"]
-    monkeypatch.setattr(config_lib, "SCAN_FROM_PARAMS", 10**12)
+    monkeypatch.setattr(config_lib, "SCAN_FROM_LAYERS", 10**6)
     ref = R.adapt(inputs, *R.load(inputs))
     assert not ref.model.spec.scan_layers
     rng = np.random.default_rng(1)

@@ -194,10 +194,11 @@ def test_dropout_expectation_matches_deterministic():
     np.testing.assert_allclose(ys.mean(0), layers.adapter_output(x, a, 1.0), atol=0.05 * float(jnp.abs(ys).mean()) + 1e-3)
 
 
+@pytest.mark.parametrize("impl", ["rbg", "threefry2x32"])
 @pytest.mark.parametrize("rate", [0.05, 0.1, 0.25, 0.5, 0.9])
-def test_dropout_mask_keep_rate_and_independence(rate):
+def test_dropout_mask_keep_rate_and_independence(rate, impl):
     n = 400_000
-    m = np.asarray(layers.dropout_keep_masks(jax.random.PRNGKey(7), rate, (n // 100, 100), count=2))
+    m = np.asarray(layers.dropout_keep_masks(jax.random.PRNGKey(7), rate, (n // 100, 100), count=2, impl=impl))
     assert m.shape == (2, n // 100, 100) and m.dtype == np.bool_
     sd = math.sqrt(rate * (1 - rate) / n)
     for c in range(2):
@@ -207,6 +208,26 @@ def test_dropout_mask_keep_rate_and_independence(rate):
     # and neither is striped along an axis (every column and row block keeps about 1 - rate)
     cols = m[0].mean(0)
     assert abs(cols.mean() - (1 - rate)) < 5 * sd and cols.std() < 5 * math.sqrt(rate * (1 - rate) / (n // 100))
+
+
+def test_dropout_mask_bits_per_platform(monkeypatch):
+    assert layers.dropout_rng_impl() == "rbg"  # CPU
+    before = jax.config.jax_threefry_gpu_kernel_lowering
+    layers.use_gpu_threefry_kernel()  # a no-op off GPU
+    assert jax.config.jax_threefry_gpu_kernel_lowering == before
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    try:
+        layers.use_gpu_threefry_kernel()
+        assert jax.config.jax_threefry_gpu_kernel_lowering
+        assert layers.dropout_rng_impl() == "threefry2x32"
+    finally:
+        jax.config.update("jax_threefry_gpu_kernel_lowering", before)
+    # the two generators give different masks from the same module key, each of the requested shape;
+    # a 4-word (rbg) key also keys threefry
+    a = layers.dropout_keep_masks(jax.random.PRNGKey(3), 0.5, (64, 32), impl="rbg")
+    b = layers.dropout_keep_masks(jax.random.PRNGKey(3), 0.5, (64, 32), impl="threefry2x32")
+    c = layers.dropout_keep_masks(jax.random.key(3, impl="rbg"), 0.5, (64, 32), impl="threefry2x32")
+    assert a.shape == b.shape == c.shape == (1, 64, 32) and bool((a != b).any()) and bool((b != c).any())
 
 
 def test_dropout_mask_width_meets_the_rate_tolerance():
