@@ -5,7 +5,8 @@
 2.0
 """
 
-from gralora_jax import tree
+from gralora_jax import kinds, tree
+from gralora_jax.kinds import KINDS, AdapterKind
 from gralora_jax.families import FAMILIES, Family
 from gralora_jax.config import GraLoRAConfig, LoRAConfig, load_adapter_config
 from gralora_jax.layers import (
@@ -31,6 +32,9 @@ from gralora_jax.hostdevices import ensure_host_devices
 from gralora_jax.distributed import DistributedConfig, gather_to_host, maybe_initialize_distributed, put_global
 
 __all__ = [
+    "KINDS",
+    "AdapterKind",
+    "kinds",
     "FAMILIES",
     "Family",
     "Checkpointer",

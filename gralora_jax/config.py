@@ -1,8 +1,10 @@
-"""Adapter configurations: ``GraLoRAConfig`` (PEFT's GraLoRA) and ``LoRAConfig`` (the baseline).
+"""Adapter configurations: ``GraLoRAConfig`` (PEFT's GraLoRA) and ``LoRAConfig`` (the baseline,
+and rsLoRA with ``use_rslora=True``).
 
 Both are frozen dataclasses with PEFT's field names and defaults, validated on construction
 with PEFT's exact error messages, and convertible to and from the dict PEFT writes to
-``adapter_config.json``.
+``adapter_config.json``. Which adapter kind a config stands for, and so its ``scaling``, is
+the kind registry's answer (:mod:`gralora_jax.kinds`).
 
 >>> cfg = GraLoRAConfig(r=16, alpha=32, gralora_k=4, target_modules=["q_proj", "v_proj"])
 >>> cfg.scaling
@@ -76,23 +78,24 @@ _FIELD_TYPES = {
     "task_type": ("a string or null", lambda v: v is None or isinstance(v, str)),
 }
 
-# Fields whose absence from adapter_config.json silently changes the adapter's outputs
-# (PEFT's default is assumed): loading warns about each one that is missing.
-_OUTPUT_FIELDS = {
-    "GRALORA": ("r", "alpha", "gralora_k", "hybrid_r"),
-    "LORA": ("r", "lora_alpha", "use_rslora"),
-}
-
-
 def _check_field_types(d: dict[str, Any]) -> None:
     for name, (want, ok) in _FIELD_TYPES.items():
         if name in d and not ok(d[name]):
             raise ValueError(f"field {name!r} must be {want}, got {d[name]!r} ({type(d[name]).__name__})")
 
 
-def _warn_missing_fields(d: dict[str, Any], kind: str, cls, source: str) -> None:
+def _kind(config):
+    """The config's adapter kind (imported on use: the kind modules import this one)."""
+    from gralora_jax import kinds
+
+    return kinds.kind_of(config)
+
+
+def _warn_missing_fields(d: dict[str, Any], fields: Sequence[str], cls, source: str) -> None:
+    """Fields whose absence from adapter_config.json silently changes the adapter's outputs
+    (PEFT's default is assumed): one warning each."""
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    for name in _OUTPUT_FIELDS[kind]:
+    for name in fields:
         if name not in d:
             warnings.warn(
                 f"{source} has no {name!r}; assuming PEFT's default {defaults.get(name, False)!r}, which may not be "
@@ -156,8 +159,8 @@ class GraLoRAConfig:
 
     @property
     def scaling(self) -> float:
-        """PEFT's scale: ``alpha / (r + hybrid_r)``."""
-        return self.alpha / (self.r + self.hybrid_r)
+        """The adapter's scale, by its kind (:mod:`gralora_jax.kinds`): the only place it is computed."""
+        return _kind(self).scaling(self)
 
     @property
     def dropout(self) -> float:
@@ -213,7 +216,7 @@ class LoRAConfig:
     """Plain LoRA settings with PEFT LoRA's names: the baseline GraLoRA is compared against."""
 
     r: int = 8  # rank
-    lora_alpha: int = 8  # scale = lora_alpha / r
+    lora_alpha: int = 8  # scale = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)
     lora_dropout: float = 0.0  # dropout on the adapter input
     target_modules: TargetModules = None  # as in GraLoRAConfig
     layers_to_transform: Optional[tuple[int, ...]] = None  # as in GraLoRAConfig
@@ -221,6 +224,7 @@ class LoRAConfig:
     fan_in_fan_out: bool = False  # as in GraLoRAConfig
     bias: str = "none"  # none / all / lora_only
     init_lora_weights: bool = True  # PEFT init: A Kaiming-uniform, B zeros
+    use_rslora: bool = False  # rank-stabilised LoRA (the rslora kind): scale lora_alpha / sqrt(r)
     modules_to_save: Optional[tuple[str, ...]] = None  # recorded only
     base_model_name_or_path: Optional[str] = None  # recorded in adapter_config.json
     task_type: Optional[str] = None  # recorded in adapter_config.json
@@ -239,7 +243,8 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        """The adapter's scale, by its kind (:mod:`gralora_jax.kinds`): the only place it is computed."""
+        return _kind(self).scaling(self)
 
     @property
     def dropout(self) -> float:
@@ -267,18 +272,18 @@ class LoRAConfig:
             "layers_pattern": (
                 list(self.layers_pattern) if isinstance(self.layers_pattern, tuple) else self.layers_pattern
             ),
-            "use_rslora": False,
+            "use_rslora": self.use_rslora,
             "use_dora": False,
         }
 
     @classmethod
-    def from_peft_dict(cls, d: dict[str, Any]) -> "LoRAConfig":
+    def from_peft_dict(cls, d: dict[str, Any], *, authors_convention: bool = False) -> "LoRAConfig":
+        """Build from an ``adapter_config.json`` dict (``authors_convention`` is GraLoRA's; ignored)."""
         if str(d.get("peft_type", "LORA")).upper() != "LORA":
             raise ValueError(f"not a LoRA adapter config: peft_type is {d.get('peft_type')!r}")
         _check_field_types(d)
-        for flag in ("use_rslora", "use_dora"):
-            if d.get(flag):
-                raise ValueError(f"LoRA variant {flag}=True is not supported")
+        if d.get("use_dora"):
+            raise ValueError("LoRA variant use_dora=True is not supported")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
@@ -295,23 +300,20 @@ def _target_modules_to_json(t):
 def config_from_peft_dict(
     d: dict[str, Any], *, authors_convention: bool = False, source: str = "the adapter config"
 ) -> AdapterConfig:
-    """Pick the config class from ``peft_type``.
+    """Pick the config class by the adapter kind the dict describes (:func:`gralora_jax.kinds.kind_for_peft_dict`).
 
     Field types are checked first (``r: "8"`` is an error, not a silent string); each field
     that changes the adapter's outputs but is missing (``alpha``, ``r``, ...) gets a one-line
     warning naming ``source``, since PEFT's default is then assumed.
     """
+    from gralora_jax import kinds
+
     if not isinstance(d, dict):
         raise ValueError(f"an adapter config must be a JSON object, got {type(d).__name__}")
-    kind = str(d.get("peft_type", "")).upper()
-    classes = {"GRALORA": GraLoRAConfig, "LORA": LoRAConfig}
-    if kind not in classes:
-        raise ValueError(f"unsupported peft_type {d.get('peft_type')!r}: expected GRALORA or LORA")
+    kind = kinds.kind_for_peft_dict(d)  # an unknown peft_type is refused here
     _check_field_types(d)  # before the warnings: a present but wrong-typed field is an error, not "missing"
-    _warn_missing_fields(d, kind, classes[kind], source)
-    if kind == "GRALORA":
-        return GraLoRAConfig.from_peft_dict(d, authors_convention=authors_convention)
-    return LoRAConfig.from_peft_dict(d)
+    _warn_missing_fields(d, kind.output_fields, kind.config_class, source)
+    return kind.config_class.from_peft_dict(d, authors_convention=authors_convention)
 
 
 def load_adapter_config(directory: Union[str, os.PathLike], **kw) -> AdapterConfig:

@@ -17,7 +17,10 @@ by output block, the second contracts each output block's ``k*s`` latents with i
 
 Everything here is a pure function of a layer's parameter dict, so the same math serves
 the ``GraLoRADense`` module, the surgery that routes Hugging Face models' ``nn.Dense``
-calls through adapters, merging, and export:
+calls through adapters, merging, and export. What differs between adapter kinds (leaves,
+init, output, delta, scale) is each kind's module in :mod:`gralora_jax.kinds`; the
+functions here that take any adapter (:func:`adapter_output`, :func:`delta_kernel`,
+:func:`merge`) ask that registry which kind a leaf dict is:
 
 >>> import jax, jax.numpy as jnp
 >>> p = init_gralora_adapter(jax.random.PRNGKey(0), 8, 4, r=4, k=2)
@@ -39,7 +42,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gralora_jax.config import check_layer_divisible
 
 Array = jax.Array
 Adapter = Mapping[str, Array]
@@ -47,10 +49,11 @@ Adapter = Mapping[str, Array]
 # ----------------------------------------------------------------------------- init
 
 
-def _kaiming_uniform(key, shape, fan_in, dtype):
-    """torch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+def _kinds():
+    """The adapter-kind registry (imported on use: the kind modules build on this module's math)."""
+    from gralora_jax import kinds
+
+    return kinds
 
 
 def init_gralora_adapter(
@@ -66,48 +69,24 @@ def init_gralora_adapter(
     """PEFT's GraLoRA initialisation: A Kaiming-uniform on fan-in ``in/k``, B zeros.
 
     With ``init_weights=False`` B is random too (PEFT's testing mode). The hybrid path,
-    when ``hybrid_r > 0``, has A Kaiming-uniform on fan-in ``in`` and B zeros.
+    when ``hybrid_r > 0``, has A Kaiming-uniform on fan-in ``in`` and B zeros. The rules are
+    the GraLoRA kind's ``init`` (:mod:`gralora_jax.kinds.gralora`), drawn from ``key``.
     """
-    check_layer_divisible(in_features, out_features, k)
-    ka, kb, kga, kgb = jax.random.split(key, 4)
-    i, o = in_features // k, out_features // k
-    out = {"gralora_A": _kaiming_uniform(ka, (k, i, r), i, dtype)}
-    if init_weights:
-        out["gralora_B"] = jnp.zeros((k, r, o), dtype)
-    else:
-        out["gralora_B"] = _kaiming_uniform(kb, (k, r, o), r, dtype)
-    if hybrid_r > 0:
-        out["gralora_A_general"] = _kaiming_uniform(kga, (in_features, hybrid_r), in_features, dtype)
-        out["gralora_B_general"] = (
-            jnp.zeros((hybrid_r, out_features), dtype)
-            if init_weights
-            else _kaiming_uniform(kgb, (hybrid_r, out_features), hybrid_r, dtype)
-        )
-    return out
+    from gralora_jax.config import GraLoRAConfig
+
+    config = GraLoRAConfig(r=r, gralora_k=k, hybrid_r=hybrid_r, init_weights=init_weights)
+    return _kinds().init_from_key(key, config, in_features, out_features, dtype)
 
 
 def init_lora_adapter(
     key: Array, in_features: int, out_features: int, r: int, dtype: Any = jnp.float32, init_weights: bool = True
 ) -> dict[str, Array]:
-    """PEFT LoRA's initialisation: ``lora_A [in, r]`` Kaiming-uniform, ``lora_B [r, out]`` zeros."""
-    ka, kb = jax.random.split(key)
-    b = jnp.zeros((r, out_features), dtype) if init_weights else _kaiming_uniform(kb, (r, out_features), r, dtype)
-    return {"lora_A": _kaiming_uniform(ka, (in_features, r), in_features, dtype), "lora_B": b}
+    """PEFT LoRA's initialisation: ``lora_A [in, r]`` Kaiming-uniform, ``lora_B [r, out]`` zeros
+    (the LoRA kind's ``init``, :mod:`gralora_jax.kinds.lora`, drawn from ``key``)."""
+    from gralora_jax.config import LoRAConfig
 
-
-# ----------------------------------------------------------------------------- math
-
-
-def is_gralora(adapter: Adapter) -> bool:
-    return "gralora_A" in adapter
-
-
-def adapter_in_out(adapter: Adapter) -> tuple[int, int]:
-    """(in_features, out_features) implied by an adapter's tensors."""
-    if is_gralora(adapter):
-        k, i, _ = adapter["gralora_A"].shape[-3:]
-        return k * i, k * adapter["gralora_B"].shape[-1]
-    return adapter["lora_A"].shape[-2], adapter["lora_B"].shape[-1]
+    config = LoRAConfig(r=r, init_lora_weights=init_weights)
+    return _kinds().init_from_key(key, config, in_features, out_features, dtype)
 
 
 # Adapter dropout. PEFT draws ``torch.nn.Dropout`` masks (float32 uniforms). A threefry
@@ -216,7 +195,7 @@ def dropout_keep_masks(rng: Array, rate: float, shape: tuple[int, ...], count: i
     return bits >= jnp.asarray(threshold, dt)
 
 
-def _dropped_inputs(x: Array, rate: float, rng: Optional[Array], count: int) -> tuple[list[Array], float]:
+def dropped_inputs(x: Array, rate: float, rng: Optional[Array], count: int) -> tuple[list[Array], float]:
     """``count`` dropped-out copies of ``x`` (independent masks, applied in ``x``'s dtype by a
     select: exact) and the inverted-dropout factor ``1 / (1 - rate)`` that the caller folds
     into its output scale (the adapter paths are linear in their input). Without dropout:
@@ -412,7 +391,7 @@ BLOCK_LAYOUTS = tuple(_LAYOUT_FNS)
 DEFAULT_BLOCK_LAYOUT = "batched"  # the layout GraLoRADense and get_gralora_model use unless told
 
 
-def _layout_fn(layout: str) -> Callable:
+def layout_fn(layout: str) -> Callable:
     if layout not in _LAYOUT_FNS:
         raise ValueError(f"unknown GraLoRA block layout {layout!r}; choose from {BLOCK_LAYOUTS}")
     return _LAYOUT_FNS[layout]
@@ -426,7 +405,7 @@ def gralora_blocks(x: Array, A: Array, B: Array, precision=None, layout: str = D
     (one of :data:`BLOCK_LAYOUTS`) picks how they are arranged, same function either way:
     ``"vjp"`` (:func:`gralora_contraction`), ``"batched"`` or ``"concat"`` (einsums).
     """
-    return _layout_fn(layout)(x, None, {"gralora_A": A, "gralora_B": B}, 1.0, precision)
+    return layout_fn(layout)(x, None, {"gralora_A": A, "gralora_B": B}, 1.0, precision)
 
 
 def adapter_output(
@@ -441,50 +420,44 @@ def adapter_output(
 ) -> Array:
     """The adapter's contribution ``scale * (...)`` for input ``x`` (base output excluded).
 
-    Dispatches on the keys: ``gralora_A``/``gralora_B`` (+ hybrid ``*_general``) or
-    ``lora_A``/``lora_B``. ``x`` is cast to the adapter's dtype (PEFT does the same); the
-    result is in that dtype. Dropout on ``x`` is applied only when ``dropout_rng`` is given
-    and the rate is positive; the hybrid path draws its own mask, as in PEFT. The masks
+    The kind is the one whose leaves ``adapter`` holds (:func:`gralora_jax.kinds.kind_of_adapter`:
+    ``gralora_A``/``gralora_B`` (+ hybrid ``*_general``) or ``lora_A``/``lora_B``); ``scaling``
+    comes from the config (``config.scaling``). ``x`` is cast to the adapter's dtype (PEFT does
+    the same); the result is in that dtype. Dropout on ``x`` is applied only when ``dropout_rng``
+    is given and the rate is positive; the hybrid path draws its own mask, as in PEFT. The masks
     (:func:`dropout_keep_masks`) zero elements of ``x`` in its own dtype and the ``1/(1-rate)``
     of inverted dropout multiplies ``scaling``: the same function as PEFT's ``dropout(x) @ ...``.
     ``block_layout`` is one of :data:`BLOCK_LAYOUTS` (GraLoRA only; see :func:`gralora_blocks`).
     """
-    if is_gralora(adapter):
-        layout = _layout_fn(block_layout)
-        hybrid = "gralora_A_general" in adapter
-        (xd, *xg), factor = _dropped_inputs(x, dropout_rate, dropout_rng, 2 if hybrid else 1)
-        return layout(xd, xg[0] if hybrid else None, adapter, scaling * factor, precision)
-    if "lora_A" in adapter:
-        A, B = adapter["lora_A"], adapter["lora_B"]
-        (xd,), factor = _dropped_inputs(x, dropout_rate, dropout_rng, 1)
-        return ((scaling * factor) * ((xd.astype(A.dtype) @ A) @ B)).astype(A.dtype)
-    raise ValueError(f"not an adapter: keys {sorted(adapter)}")
+    kind = _kinds().kind_of_adapter(adapter)
+    return kind.apply(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=dropout_rng, precision=precision,
+                      block_layout=block_layout)
 
 
 def delta_kernel(adapter: Adapter, scaling: float) -> Array:
-    """The adapter's weight update in Flax kernel layout ``[in, out]``, scale included.
+    """The adapter's weight update in Flax kernel layout ``[in, out]``, scale included, by the
+    kind whose leaves ``adapter`` holds (GraLoRA: :func:`gralora_delta`). Leading (e.g.
+    stacked-layer) axes are carried through."""
+    return _kinds().kind_of_adapter(adapter).delta(adapter, scaling)
+
+
+def gralora_delta(A: Array, B: Array, A_general: Optional[Array] = None, B_general: Optional[Array] = None) -> Array:
+    """GraLoRA's unscaled weight update ``[..., in, out]``.
 
     Block (n, j) of the result (rows of input block n, columns of output block j) is
     ``A[n][:, j*s:(j+1)*s] @ B[j][n*s:(n+1)*s, :]``; the hybrid path adds
     ``A_general @ B_general``. Leading (e.g. stacked-layer) axes are carried through.
     """
-    if is_gralora(adapter):
-        A, B = adapter["gralora_A"], adapter["gralora_B"]
-        *lead, k, i, r = A.shape
-        s = r // k
-        o = B.shape[-1]
-        a = A.reshape(*lead, k, i, k, s)  # [..., n, i, j, s]
-        b = B.reshape(*lead, k, k, s, o)  # [..., j, n, s, o]
-        d = jnp.einsum("...nijs,...jnso->...nijo", a, b, precision=jax.lax.Precision.HIGHEST)
-        d = d.reshape(*lead, k * i, k * o)
-        if "gralora_A_general" in adapter:
-            d = d + jnp.matmul(
-                adapter["gralora_A_general"], adapter["gralora_B_general"], precision=jax.lax.Precision.HIGHEST
-            )
-        return scaling * d
-    if "lora_A" in adapter:
-        return scaling * jnp.matmul(adapter["lora_A"], adapter["lora_B"], precision=jax.lax.Precision.HIGHEST)
-    raise ValueError(f"not an adapter: keys {sorted(adapter)}")
+    *lead, k, i, r = A.shape
+    s = r // k
+    o = B.shape[-1]
+    a = A.reshape(*lead, k, i, k, s)  # [..., n, i, j, s]
+    b = B.reshape(*lead, k, k, s, o)  # [..., j, n, s, o]
+    d = jnp.einsum("...nijs,...jnso->...nijo", a, b, precision=jax.lax.Precision.HIGHEST)
+    d = d.reshape(*lead, k * i, k * o)
+    if A_general is not None:
+        d = d + jnp.matmul(A_general, B_general, precision=jax.lax.Precision.HIGHEST)
+    return d
 
 
 def _kernel_delta(layer: Mapping[str, Array], scaling: float, kernel_layout: str) -> Array:
@@ -516,7 +489,9 @@ def unmerge(layer: Mapping[str, Array], scaling: float, kernel_layout: str = "in
 
 
 class _AdaptedDense(nn.Module):
-    """``nn.Dense`` with an adapter beside the kernel; subclasses declare the adapter params."""
+    """``nn.Dense`` with an adapter beside the kernel. Subclasses name the adapter's config
+    (:meth:`adapter_config`); its kind (:mod:`gralora_jax.kinds`) gives the leaves, their
+    init, the output, and the config its scale."""
 
     features: int
     use_bias: bool = True
@@ -528,17 +503,20 @@ class _AdaptedDense(nn.Module):
     adapter_dtype: Any = jnp.float32  # adapters stay float32 even when the base is bfloat16
     init_weights: bool = True  # PEFT init (B = 0); False: B random too
 
-    def _adapter(self, in_features: int) -> dict[str, Array]:  # declares and returns the adapter params
+    def adapter_config(self):  # the adapter config made of this module's fields
         raise NotImplementedError
 
-    def _scaling(self) -> float:
-        raise NotImplementedError
-
-    def _dropout_rate(self) -> float:
-        raise NotImplementedError
-
-    def _output_options(self) -> dict:  # extra adapter_output keywords
+    def _output_options(self) -> dict:  # extra keywords of the kind's apply
         return {}
+
+    def _adapter(self, config, in_features: int) -> dict[str, Array]:
+        """Declares the adapter params: the kind's init drawn from each param's key."""
+        kinds = _kinds()
+        kind = kinds.kind_of(config)
+        kind.check_shape(config, in_features, self.features)
+        init = lambda key: kinds.init_from_key(key, config, in_features, self.features, self.adapter_dtype)  # noqa: E731
+        names = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+        return {n: self.param(n, lambda key, n=n: init(key)[n]) for n in names}
 
     @nn.compact
     def __call__(self, inputs: Array, deterministic: bool = True) -> Array:
@@ -549,11 +527,12 @@ class _AdaptedDense(nn.Module):
         y = jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
         if b is not None:
             y = y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))
-        adapter = self._adapter(in_features)
-        rate = self._dropout_rate()
+        config = self.adapter_config()
+        adapter = self._adapter(config, in_features)
+        rate = config.dropout
         rng = self.make_rng("dropout") if (not deterministic and rate > 0.0) else None
-        delta = adapter_output(
-            inputs, adapter, self._scaling(), dropout_rate=rate, dropout_rng=rng, precision=self.precision,
+        delta = _kinds().kind_of(config).apply(
+            inputs, adapter, config.scaling, dropout_rate=rate, dropout_rng=rng, precision=self.precision,
             **self._output_options(),
         )
         return y + delta.astype(y.dtype)
@@ -582,28 +561,19 @@ class GraLoRADense(_AdaptedDense):
     gralora_dropout: float = 0.0
     block_layout: str = DEFAULT_BLOCK_LAYOUT  # one of BLOCK_LAYOUTS: how the block contraction is arranged
 
-    def _scaling(self):
-        return self.alpha / (self.r + self.hybrid_r)
+    def adapter_config(self):
+        from gralora_jax.config import GraLoRAConfig
+
+        return GraLoRAConfig(r=self.r, alpha=self.alpha, gralora_k=self.gralora_k, hybrid_r=self.hybrid_r,
+                             gralora_dropout=self.gralora_dropout, init_weights=self.init_weights)
 
     def _output_options(self):
         return {"block_layout": self.block_layout}
 
-    def _dropout_rate(self):
-        return self.gralora_dropout
-
-    def _adapter(self, in_features):
-        from gralora_jax.config import GraLoRAConfig
-
-        GraLoRAConfig(r=self.r, alpha=self.alpha, gralora_k=self.gralora_k, hybrid_r=self.hybrid_r)  # validate
-        k, r, h, dt = self.gralora_k, self.r, self.hybrid_r, self.adapter_dtype
-        check_layer_divisible(in_features, self.features, k)
-        init = lambda key: init_gralora_adapter(key, in_features, self.features, r, k, h, dt, self.init_weights)
-        names = ["gralora_A", "gralora_B"] + (["gralora_A_general", "gralora_B_general"] if h > 0 else [])
-        return {n: self.param(n, lambda key, n=n: init(key)[n]) for n in names}
-
 
 class LoRADense(_AdaptedDense):
-    """Drop-in ``nn.Dense`` with a plain LoRA adapter (PEFT LoRA: scale ``lora_alpha / r``).
+    """Drop-in ``nn.Dense`` with a plain LoRA adapter (PEFT LoRA: scale ``lora_alpha / r``, or
+    ``lora_alpha / sqrt(r)`` with ``use_rslora=True``).
 
     >>> import jax, jax.numpy as jnp
     >>> layer = LoRADense(features=8, r=4, lora_alpha=8)
@@ -614,15 +584,10 @@ class LoRADense(_AdaptedDense):
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
+    use_rslora: bool = False  # rank-stabilised LoRA: scale lora_alpha / sqrt(r)
 
-    def _scaling(self):
-        return self.lora_alpha / self.r
+    def adapter_config(self):
+        from gralora_jax.config import LoRAConfig
 
-    def _dropout_rate(self):
-        return self.lora_dropout
-
-    def _adapter(self, in_features):
-        if self.r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {self.r}")
-        init = lambda key: init_lora_adapter(key, in_features, self.features, self.r, self.adapter_dtype, self.init_weights)
-        return {n: self.param(n, lambda key, n=n: init(key)[n]) for n in ("lora_A", "lora_B")}
+        return LoRAConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          init_lora_weights=self.init_weights, use_rslora=self.use_rslora)

@@ -1,6 +1,7 @@
 """PEFT's adapter format: tree paths <-> ``adapter_model.safetensors`` keys, and the files.
 
-One mapping, both ways. A module at tree path ``model/layers/0/self_attn/q_proj`` is PEFT's
+One mapping, both ways, made of each adapter kind's key table (:mod:`gralora_jax.kinds`; the
+table below is today's kinds). A module at tree path ``model/layers/0/self_attn/q_proj`` is PEFT's
 ``model.layers.0.self_attn.q_proj``; its saved keys are prefixed ``base_model.model.``:
 
 ==========================  ==========================================  =================
@@ -34,7 +35,7 @@ from typing import Any, Mapping, Union
 
 import numpy as np
 
-from gralora_jax import fileio
+from gralora_jax import fileio, kinds
 from gralora_jax import tree as tree_lib
 from gralora_jax.config import CONFIG_NAME, AdapterConfig, load_adapter_config
 from gralora_jax.loading.convert import is_floating
@@ -43,16 +44,8 @@ from gralora_jax.models import layout as layout_lib
 PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-# tree leaf name -> (PEFT key suffix, transposed?)
-_LEAVES = {
-    "gralora_A": ("gralora_A", False),
-    "gralora_B": ("gralora_B", False),
-    "gralora_A_general": ("gralora_A_general.weight", True),
-    "gralora_B_general": ("gralora_B_general.weight", True),
-    "lora_A": ("lora_A.weight", True),
-    "lora_B": ("lora_B.weight", True),
-    "bias": ("bias", False),
-}
+# tree leaf name -> (PEFT key suffix, transposed?): every kind's table (gralora_jax.kinds), and biases
+_LEAVES = {**kinds.PEFT_KEYS, "bias": ("bias", False)}
 _SUFFIXES = sorted(((s, name, t) for name, (s, t) in _LEAVES.items()), key=lambda x: -len(x[0]))
 
 

@@ -8,8 +8,9 @@ unmatched leaf is replicated. Specs name the logical axes ``"data"``, ``"fsdp"``
 axis whose size does not divide the dimension falls back to replicated on that dimension,
 so small test shapes never crash.
 
-Adapter leaves have no rules of their own: they follow their sibling ``kernel``. With the
-kernel ``[in, out]`` sharded ``(s_in, s_out)``:
+Adapter leaves have no rules of their own: they follow their sibling ``kernel``, by their
+kind's ``partition_spec`` (:mod:`gralora_jax.kinds`). With the kernel ``[in, out]`` sharded
+``(s_in, s_out)``:
 ``gralora_A [k, in/k, r]`` over ``s_in`` and ``gralora_B [k, r, out/k]`` over ``s_out``, on
 the block axis when that is the ``model`` axis (block j of the output is a contiguous slice
 of the output features, so the blocks sit where the base layer's output already is; failing
@@ -40,7 +41,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gralora_jax import kinds
 from gralora_jax import tree as tree_lib
+from gralora_jax.kinds import MeshAxes
 
 AXES_2D = ("data", "model")
 AXES_3D = ("data", "fsdp", "model")
@@ -191,26 +194,11 @@ def _is_batch_axis(entry) -> bool:
 
 
 def _adapter_spec(name: str, shape, s_in, s_out, mesh: Mesh) -> P:
-    lead = [None] * (len(shape) - (3 if name in ("gralora_A", "gralora_B") else 2))
-    if name in ("gralora_A", "gralora_B"):
-        s = s_in if name == "gralora_A" else s_out
-        k, inner = (shape[-3], shape[-2]) if name == "gralora_A" else (shape[-3], shape[-1])
-        on_inner = [None, s, None] if name == "gralora_A" else [None, None, s]
-        if s is None:
-            body = [None, None, None]
-        elif _is_batch_axis(s):  # fsdp: gathered before use, like the kernel (see module docstring)
-            body = on_inner if inner % _axis_size(mesh, s) == 0 else [None, None, None]
-        elif k % _axis_size(mesh, s) == 0:
-            body = [s, None, None]
-        elif inner % _axis_size(mesh, s) == 0:
-            body = on_inner
-        else:
-            body = [None, None, None]
-    elif name in ("lora_A", "gralora_A_general"):
-        body = [s_in, None]
-    else:  # lora_B, gralora_B_general
-        body = [None, s_out]
-    return fit_spec(lead + body, shape, mesh)
+    """The leaf's kind's rule (:mod:`gralora_jax.kinds`) from the kernel's in/out entries; a
+    leading stacked-layer axis replicated."""
+    axes = MeshAxes(size=lambda e: _axis_size(mesh, e), is_batch=_is_batch_axis)
+    body = list(kinds.kind_of_leaf(name).partition_spec(name, tuple(shape), s_in, s_out, axes))
+    return fit_spec([None] * (len(shape) - len(body)) + body, shape, mesh)
 
 
 def param_partition_specs(params: Mapping[str, Any], rules, mesh: Mesh, *, out_in_kernels=()) -> dict:
@@ -260,10 +248,6 @@ def shard_params(params: Any, mesh: Mesh, specs: Any) -> Any:
     from gralora_jax.distributed import put_global
 
     return put_global(params, named_shardings(mesh, specs))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def batch_spec(mesh: Mesh) -> P:

@@ -47,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from gralora_jax import layers, peft_io, quirks
+from gralora_jax import kinds, layers, peft_io, quirks
 from gralora_jax import tree as tree_lib
-from gralora_jax.config import AdapterConfig, GraLoRAConfig, LoRAConfig, check_layer_divisible
+from gralora_jax.config import AdapterConfig
 from gralora_jax.models import layout as layout_lib
 from gralora_jax.targets import default_target_modules, select_targets
 
@@ -91,39 +91,6 @@ def _kernel_layouts(model, params) -> dict[str, str]:
 def _linear_modules(params) -> dict[str, tuple[int, ...]]:
     flat = tree_lib.flatten(params)
     return {p[: -len("/kernel")]: tuple(np.shape(v)) for p, v in flat.items() if p.endswith("/kernel")}
-
-
-def _uniform(gen: np.random.Generator, shape, fan_in: int, dtype) -> jax.Array:
-    """Kaiming-uniform (torch's ``a=sqrt(5)``): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / np.sqrt(fan_in)
-    return jnp.asarray(gen.uniform(-bound, bound, shape).astype(np.float32), dtype)
-
-
-def _init_adapter(gen: np.random.Generator, config: AdapterConfig, in_f: int, out_f: int, dtype) -> dict:
-    """PEFT's initialisation (same rules and shapes as :func:`gralora_jax.layers.init_gralora_adapter`
-    / ``init_lora_adapter``; ``tests/test_surgery.py`` pins that), drawn on the host with numpy.
-
-    Surgery initialises dozens of differently shaped adapters once; compiling a jax PRNG program
-    per shape costs seconds of XLA time on CPU, a host generator seeded from the jax key costs
-    nothing and is just as reproducible.
-    """
-    zeros = lambda shape: jnp.zeros(shape, dtype)  # noqa: E731
-    if isinstance(config, GraLoRAConfig):
-        k, r, h = config.gralora_k, config.r, config.hybrid_r
-        i, o = in_f // k, out_f // k
-        out = {
-            "gralora_A": _uniform(gen, (k, i, r), i, dtype),
-            "gralora_B": zeros((k, r, o)) if config.init_weights else _uniform(gen, (k, r, o), r, dtype),
-        }
-        if h > 0:
-            out["gralora_A_general"] = _uniform(gen, (in_f, h), in_f, dtype)
-            out["gralora_B_general"] = zeros((h, out_f)) if config.init_weights else _uniform(gen, (h, out_f), h, dtype)
-        return out
-    r = config.r
-    return {
-        "lora_A": _uniform(gen, (in_f, r), in_f, dtype),
-        "lora_B": zeros((r, out_f)) if config.init_lora_weights else _uniform(gen, (r, out_f), r, dtype),
-    }
 
 
 def _host_generator(rng: jax.Array, name: str = "") -> np.random.Generator:
@@ -170,6 +137,7 @@ def add_adapters(
     Errors: targets matching nothing (listing the module names that exist), a targeted module
     that is not a linear layer, shapes not divisible by ``gralora_k``.
     """
+    kind = kinds.kind_of(config)
     params = _unfreeze(params)
     if any(tree_lib.is_adapter_path(p) for p in tree_lib.flatten(params)):
         raise ValueError("params already hold adapter leaves; merge_and_unload() or strip them first")
@@ -208,17 +176,16 @@ def add_adapters(
             raise TypeError(f"target module {ds[0]!r} is not supported: kernel of rank {len(shape)} (only 2-D linear kernels)")
         layout = (layouts or {}).get(path, IN_OUT)
         in_f, out_f = shape if layout == IN_OUT else shape[::-1]
-        if isinstance(config, GraLoRAConfig):
-            check_layer_divisible(in_f, out_f, config.gralora_k)
+        kind.check_shape(config, in_f, out_f)
         specs.append((path, ds if scanned else None, in_f, out_f))
 
     flat = tree_lib.flatten(params)
     adapted = []
     for path, per_layer, in_f, out_f in specs:
         if per_layer is None:
-            leaves = _init_adapter(_host_generator(rng, path.replace("/", ".")), config, in_f, out_f, adapter_dtype)
+            leaves = kinds.init_on_host(_host_generator(rng, path.replace("/", ".")), config, in_f, out_f, adapter_dtype)
         else:  # the unrolled model's adapters, stacked
-            drawn = [_init_adapter(_host_generator(rng, d), config, in_f, out_f, adapter_dtype) for d in per_layer]
+            drawn = [kinds.init_on_host(_host_generator(rng, d), config, in_f, out_f, adapter_dtype) for d in per_layer]
             leaves = {n: jnp.stack([a[n] for a in drawn]) for n in drawn[0]}
         for name, v in leaves.items():
             flat[f"{path}/{name}"] = v
@@ -265,9 +232,11 @@ class _Visits:
             self.frames[-1].add("/".join(module.scope.path))
 
 
-def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout: str = layers.DEFAULT_BLOCK_LAYOUT,
+def _interceptor(config: AdapterConfig, train: bool, block_layout: str = layers.DEFAULT_BLOCK_LAYOUT,
                  visits: Optional[_Visits] = None) -> Callable:
     visits = _Visits() if visits is None else visits
+    kind = kinds.kind_of(config)
+    scaling, dropout_rate = config.scaling, config.dropout
 
     def intercept(next_fun, args, kwargs, context):
         m = context.module
@@ -275,7 +244,7 @@ def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout:
             return next_fun(*args, **kwargs)
         if not m.scope.path:
             return visits.root_call(m, lambda: next_fun(*args, **kwargs))
-        names = [n for n in tree_lib.ADAPTER_LEAVES if m.has_variable("params", n)]
+        names = [n for n in kind.leaves if m.has_variable("params", n)]
         if not names:
             return next_fun(*args, **kwargs)
         if not (isinstance(m, nn.Dense) or type(m).__name__ in _CONV1D_CLASS_NAMES):
@@ -292,8 +261,7 @@ def _interceptor(scaling: float, dropout_rate: float, train: bool, block_layout:
                 raise ValueError("adapter dropout is on and train=True, but no dropout_rng was given")
             rng = m.make_rng("dropout")
         x = args[0] if args else kwargs["inputs"]
-        delta = layers.adapter_output(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=rng,
-                                      block_layout=block_layout)
+        delta = kind.apply(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=rng, block_layout=block_layout)
         return y + delta.astype(y.dtype)
 
     return intercept
@@ -332,7 +300,7 @@ class GraLoRAModel:
         module holding adapter leaves was not called through the interceptor; ``may_skip``
         names module paths allowed to stay unvisited."""
         visits = _Visits(may_skip) if _visits is None else _visits
-        with nn.intercept_methods(_interceptor(self.scaling, self.config.dropout, train, self.block_layout, visits)):
+        with nn.intercept_methods(_interceptor(self.config, train, self.block_layout, visits)):
             yield
 
     def __call__(self, *args, params=None, dropout_rng=None, train: bool = False, **kwargs):
@@ -398,10 +366,6 @@ class GraLoRAModel:
         """``(trainable, frozen)`` by the config's bias rule."""
         p = self.params if params is None else params
         return tree_lib.split_trainable(p, self.trainable_mask(params=p))
-
-    @staticmethod
-    def combine_params(*trees) -> dict:
-        return tree_lib.combine(*trees)
 
     def num_parameters(self, params=None) -> tuple[int, int]:
         p = self.params if params is None else params
@@ -526,8 +490,7 @@ def get_gralora_model(
     :func:`gralora_jax.layers.gralora_blocks`.
     """
     _check_block_layout(block_layout)
-    if not isinstance(config, (GraLoRAConfig, LoRAConfig)):
-        raise TypeError(f"config must be a GraLoRAConfig or LoRAConfig, got {type(config).__name__}")
+    kinds.kind_of(config)  # TypeError for anything but an adapter config
     if params is None:
         params = getattr(model, "params", None)
         if params is None:

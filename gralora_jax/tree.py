@@ -3,7 +3,8 @@
 Adapters live beside the kernel they adapt
 (``model/layers/0/self_attn/q_proj/{kernel, gralora_A, gralora_B}``), so whether a
 leaf trains, how it is sharded and what PEFT calls it are all functions of its
-``/``-joined path. This module holds those path helpers and nothing else.
+``/``-joined path. This module holds those path helpers and nothing else; which leaf names
+are adapters, and which ``bias`` choices exist, is the kind registry's (:mod:`gralora_jax.kinds`).
 
 >>> params = {"q_proj": {"kernel": 1, "gralora_A": 2, "gralora_B": 3}}
 >>> adapters, base = split_adapters(params)
@@ -15,11 +16,11 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
-GRALORA_LEAVES = ("gralora_A", "gralora_B", "gralora_A_general", "gralora_B_general")
-LORA_LEAVES = ("lora_A", "lora_B")
-ADAPTER_LEAVES = GRALORA_LEAVES + LORA_LEAVES
+from gralora_jax import kinds
+
+ADAPTER_LEAVES = kinds.ADAPTER_LEAVES  # every registered kind's leaf names
 
 Tree = Mapping[str, Any]
 
@@ -99,12 +100,13 @@ def combine(*trees: Tree) -> dict[str, Any]:
 def trainable_predicate(bias: str = "none", full: bool = False) -> Callable[[str], bool]:
     """Which leaves train, as a predicate on the path.
 
-    ``bias`` follows PEFT: ``"none"`` (adapters only), ``"gralora_only"`` (also the bias
-    of adapted modules; works for ``lora_only`` too), ``"all"`` (also every bias).
-    ``full=True`` trains everything (full fine-tuning).
+    ``bias`` follows PEFT: ``"none"`` (adapters only), a kind's ``"<kind>_only"``
+    (``gralora_only``, ``lora_only``: also the bias of adapted modules, see
+    :func:`trainable_mask`), ``"all"`` (also every bias). ``full=True`` trains everything
+    (full fine-tuning).
     """
-    if bias not in ("none", "all", "gralora_only", "lora_only"):
-        raise ValueError(f"bias must be one of none/all/gralora_only, got {bias!r}")
+    if bias not in kinds.BIAS_CHOICES:
+        raise ValueError(f"bias must be one of {'/'.join(kinds.BIAS_CHOICES)}, got {bias!r}")
 
     def pred(path: str) -> bool:
         if full or is_adapter_path(path):
@@ -120,7 +122,7 @@ def trainable_mask(params: Tree, bias: str = "none", full: bool = False) -> dict
     """Same structure as ``params`` with ``True`` on trainable leaves (an optax mask)."""
     pred = trainable_predicate(bias, full)
     flat = flatten(params)
-    adapted = set(adapted_modules(params)) if bias in ("gralora_only", "lora_only") else set()
+    adapted = set(adapted_modules(params)) if bias in kinds.BIAS_ONLY else set()
     return unflatten(
         {p: bool(pred(p) or (leaf_name(p) == "bias" and p.rsplit("/", 1)[0] in adapted)) for p in flat}
     )
@@ -131,7 +133,3 @@ def split_trainable(params: Tree, mask: Tree) -> tuple[dict, dict]:
     m = flatten(mask)
     return filter_tree(params, lambda p: m[p]), filter_tree(params, lambda p: not m[p])
 
-
-def paths_matching(params: Tree, names: Iterable[str]) -> list[str]:
-    names = tuple(names)
-    return [p for p in flatten(params) if leaf_name(p) in names]
