@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gralora_jax import tree as tree_lib
 from gralora_jax import fileio
 from gralora_jax.checkpoint import MIN_KEEP, Checkpointer, compare_resume_guard
-from gralora_jax.distributed import global_batch_from_local, is_main_process, put_global
+from gralora_jax.distributed import check_initialized, global_batch_from_local, is_main_process, put_global
 from gralora_jax.losses import causal_lm_loss, check_chunk_size, chunked_causal_lm_loss
 from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
 from gralora_jax.sharding import batch_spec, named_shardings
@@ -604,6 +604,7 @@ class Trainer:
         eval_fn: Callable[[Any, int], Mapping[str, float]] | None = None,
         checkpoint_meta: Mapping[str, Any] | None = None,
     ):
+        check_initialized("Trainer")
         self.config = config
         self.mesh = mesh
         self.eval_fn = eval_fn
