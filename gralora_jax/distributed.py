@@ -104,6 +104,22 @@ def maybe_initialize_distributed(
     return True
 
 
+def check_initialized(what: str = "training") -> None:
+    """Raise one line when the environment shows a multi-host launch that jax.distributed has
+    not joined (``jax.process_count() == 1``): every host would otherwise train alone on its
+    own devices, write the same files and never stop together. Library code that builds a
+    :class:`gralora_jax.train.Trainer` calls this; entry points call :func:`initialize` first
+    (it must run before any jax computation, so by the time a Trainer exists it is too late to
+    do it here)."""
+    source = _launched_multi_host()
+    if source is None or jax.process_count() > 1:
+        return
+    raise RuntimeError(
+        f"{what}: this process was launched as one of several ({source} is set) but jax.distributed was not "
+        "initialised; call gralora_jax.distributed.initialize() at the start of the program, before any jax "
+        "computation (or unset it for a single-process run)")
+
+
 def is_main_process() -> bool:
     """True on process 0, the one that writes metrics, adapters, results and plots."""
     return jax.process_index() == 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -47,7 +48,7 @@ from gralora_jax import tree as tree_lib
 from gralora_jax import fileio
 from gralora_jax import layers
 from gralora_jax.checkpoint import MIN_KEEP, Checkpointer, compare_resume_guard
-from gralora_jax.distributed import global_batch_from_local, is_main_process, put_global
+from gralora_jax.distributed import check_initialized, global_batch_from_local, is_main_process, put_global
 from gralora_jax.losses import causal_lm_loss, check_chunk_size, chunked_causal_lm_loss
 from gralora_jax.optim import OptimConfig, make_optimizer, make_schedule
 from gralora_jax.sharding import batch_spec, named_shardings
@@ -88,6 +89,7 @@ class TrainConfig:
     log_every: int = 10  # fetch metrics from the device, write metrics.jsonl / TensorBoard every N steps
     eval_every: int = 0  # call eval_fn every N steps (0 = never; also after the last step if > 0)
     checkpoint_every: int = 0  # save a checkpoint every N steps (0 = only at the end / on a stop signal)
+    checkpoint_minutes: float = 0.0  # also save once this many minutes have passed since the last save (0 = off)
     keep_checkpoints: int = 3  # recent checkpoints kept (>= 2: a corrupt latest one falls back to the previous)
     output_dir: str | None = None  # metrics.jsonl, tensorboard/ and checkpoints/ (local or gs://; None = nowhere)
     seed: int = 0  # seeds the train-state rng (dropout)
@@ -104,6 +106,8 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "stall_intervals"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0):
+            raise ValueError(f"TrainConfig.checkpoint_minutes must be a finite number >= 0, got {self.checkpoint_minutes}")
         if self.keep_checkpoints < MIN_KEEP:
             raise ValueError(f"TrainConfig.keep_checkpoints must be >= {MIN_KEEP} (a corrupt latest checkpoint "
                              f"falls back to the previous one), got {self.keep_checkpoints}")
@@ -464,20 +468,22 @@ class _StopSignals:
         return False
 
 
-def _agreed_stop(local: str | None, step: int, every: int) -> str | None:
-    """The stop reason every process acts on after ``step``.
+def _agreed_stop(local: str | None, step: int, every: int, save_due: bool = False) -> tuple[str | None, bool]:
+    """(stop reason, save now) that every process acts on after ``step``.
 
-    One process: its own flag (no device work). Several: every ``every`` steps all processes
-    all-gather one int32 (the same steps on every process, so they stop at the same step)."""
+    One process: its own flags (no device work). Several: every ``every`` steps all processes
+    all-gather two int32 (the same steps on every process, so they stop, or take a timed
+    checkpoint, at the same step; any process's flag counts)."""
     if jax.process_count() == 1:
-        return local
+        return local, save_due
     if step % every:
-        return None
+        return None, False
     from jax.experimental import multihost_utils
 
+    mine = np.array([_STOP_CODES.index(local or ""), int(save_due)], np.int32)
     with jax.transfer_guard_device_to_host("allow"):
-        flags = multihost_utils.process_allgather(np.int32(_STOP_CODES.index(local or "")))
-    return _STOP_CODES[int(np.max(flags))] or None
+        flags = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2).max(axis=0)
+    return _STOP_CODES[int(flags[0])] or None, bool(flags[1])
 
 
 def _progress_bar(cfg: TrainConfig, start: int):
@@ -600,6 +606,7 @@ class Trainer:
         eval_fn: Callable[[Any, int], Mapping[str, float]] | None = None,
         checkpoint_meta: Mapping[str, Any] | None = None,
     ):
+        check_initialized("Trainer")
         self.config = config
         self.mesh = mesh
         self.eval_fn = eval_fn
@@ -735,7 +742,7 @@ class Trainer:
         step = start
         t0 = time.perf_counter()
         seconds_before = self.train_seconds
-        t_log = t0
+        t_log = t_save = t0
         try:
             with _StopSignals(cfg.handle_signals) as sig:
                 while step < cfg.steps:
@@ -747,7 +754,8 @@ class Trainer:
                     pending.append(metrics)
                     if bar is not None:
                         bar.update(1)
-                    stop = _agreed_stop(sig.reason, step, cfg.stop_check_every)
+                    due = bool(cfg.checkpoint_minutes) and time.perf_counter() - t_save >= 60 * cfg.checkpoint_minutes
+                    stop, timed = _agreed_stop(sig.reason, step, cfg.stop_check_every, due)
                     last = step == cfg.steps
                     if step % cfg.log_every == 0 or last or stop:
                         host = self._fetch(step, pending)
@@ -767,12 +775,13 @@ class Trainer:
                             ev = self.eval_fn(self.full_params(), step)
                         log.log(step, {f"eval_{k}": v for k, v in dict(ev).items()})
                     if self.checkpointer is not None and (
-                        stop or last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                        stop or last or timed or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                     ):
                         if step not in self.sync_steps:
                             self.sync_steps.append(step)
                         self.train_seconds = seconds_before + time.perf_counter() - t0
                         self.save(data_iter)
+                        t_save = time.perf_counter()
                     if stop:
                         self.stop_reason = stop
                         break

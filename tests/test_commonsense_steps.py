@@ -241,3 +241,24 @@ def test_tokenizer_ids_beyond_the_model_vocab_are_refused(cache, tmp_path):
     big = data_lib.Example((1, 2, 10**6), (1, 1, 1))
     with pytest.raises(UserError, match="token id 1000000 at index .* is outside the vocabulary"):
         R.load(dataclasses.replace(inputs, examples=inputs.examples[:4] + [big]))
+
+
+def test_one_placed_copy_of_the_base(cache, tmp_path):
+    """load -> adapt -> train keep one copy of the base on the devices: after training, the live
+    device arrays of each base kernel/embedding shape are exactly the loaded ones (a second placed
+    copy, e.g. the trainer's own, would double every count)."""
+    import collections
+    import gc
+
+    from gralora_jax import tree as tree_lib
+
+    cfg = make_config(cache_dir=str(cache), output_dir=str(tmp_path / "out"), **BRIEF)
+    inputs = R.prepare(cfg)
+    model, params = R.load(inputs)
+    base = collections.Counter((v.shape, v.dtype) for v in tree_lib.flatten(params).values() if v.ndim == 2)
+    adapted = R.adapt(inputs, model, params)
+    trained = R.train(inputs, adapted)
+    assert trained.steps == 1 and len(base) >= 3
+    gc.collect()
+    live = collections.Counter((a.shape, a.dtype) for a in jax.live_arrays() if (a.shape, a.dtype) in base)
+    assert live == base

@@ -63,6 +63,24 @@ def test_initialize_single_process_is_a_no_op(monkeypatch):
     assert distributed.initialize(devices=8) is False  # 8 devices exist already: nothing to do
 
 
+def test_trainer_refuses_a_multi_host_launch_without_jax_distributed(monkeypatch):
+    """Launched as one of several processes (GRALORA_DISTRIBUTED=1, as tpu_setup launch sets)
+    without jax.distributed: building a Trainer stops with one line saying what to call."""
+    for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+              "CLOUD_TPU_TASK_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("GRALORA_DISTRIBUTED", raising=False)
+    distributed.check_initialized()  # a plain single-process run
+    monkeypatch.setenv("GRALORA_DISTRIBUTED", "1")
+    from gralora_jax.train import Trainer
+
+    with pytest.raises(RuntimeError, match=r"^Trainer: .*GRALORA_DISTRIBUTED.*distributed\.initialize\(\)") as e:
+        Trainer(loss_fn=None, params={}, mask={}, optim=None, config=None, mesh=None, param_specs={})
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # joined: nothing to say
+    distributed.check_initialized()
+
+
 def test_initialize_creates_this_process_share_of_cpu_devices():
     """Before the backend starts, a 2-process run of a 4x2 mesh makes exactly 4 CPU devices here,
     even when XLA_FLAGS asks for 8 (jax.distributed itself is not started: no coordinator)."""

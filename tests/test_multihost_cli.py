@@ -2,8 +2,10 @@
 
 Each process creates 2 CPU devices; the multi-process run on mesh DxM must equal a 1-process
 run on the same mesh: the exported PEFT adapter within 1e-5, accuracies and every prediction
-exactly. Also checked: one writer (metrics.jsonl has one row per step, not one per process),
-the checkpoint every process took part in, and log lines from process 0 only. The launcher is
+exactly; for the embedded default and for a user's checkpoint directory (the same model as two
+safetensors shards with an index, read shard by shard onto the mesh). Also checked: one writer
+(metrics.jsonl has one row per step, not one per process), the checkpoint every process took
+part in, and log lines from process 0 only. The launcher is
 tests/_multihost_launch.py (usable by hand: ``python tests/_multihost_launch.py 2 -- python -m
 experiments.commonsense --mesh 2x2``).
 """
@@ -32,15 +34,39 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("mh_cache")
 
 
-def _cmd(mesh, out, cache):
+def _cmd(mesh, out, cache, extra=()):
     return [sys.executable, "-m", "experiments.commonsense", "--mesh", mesh, "--output-dir", str(out),
-            "--cache-dir", str(cache), *ARGS]
+            "--cache-dir", str(cache), *ARGS, *extra]
 
 
-def _single(mesh, out, cache):
+def _sharded_checkpoint(cache, dest):
+    """The embedded model re-written as a user's checkpoint in two safetensors shards with an index
+    (config and tokenizer files copied), and --model/--train-data/--eval-dir flags for it."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    [root] = list(pathlib.Path(cache).glob("embedded-*"))
+    dest.mkdir()
+    for f in (root / "model").iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dest / f.name)
+    tensors = load_file(str(root / "model" / "model.safetensors"))
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(dest / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return ["--model", str(dest), "--train-data", str(root / "data" / "train.json"), "--eval-dir",
+            str(root / "data"), "--dtype", "float32", "--max-new-tokens", "8", "--eval-mode", "generate"]
+
+
+def _single(mesh, out, cache, extra=()):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(_cmd(mesh, out, cache), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(_cmd(mesh, out, cache, extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
@@ -70,9 +96,16 @@ def _compare(single, multi, n, logs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("procs, mesh", [(2, "2x2"), (4, "4x2")])
-def test_multi_process_cli_equals_one_process(procs, mesh, cache, tmp_path):
-    _single(mesh, tmp_path / "single", cache)  # also writes the embedded model/data into the cache once
-    code, logs = launch(procs, _cmd(mesh, tmp_path / "multi", cache), cwd=str(ROOT), timeout=600)
+@pytest.mark.parametrize("procs, mesh, source", [(2, "2x2", "embedded"), (4, "4x2", "embedded"),
+                                                  (2, "2x2", "sharded checkpoint")])
+def test_multi_process_cli_equals_one_process(procs, mesh, source, cache, tmp_path):
+    extra = ()
+    if source != "embedded":  # a user's checkpoint directory (paper preset, float32 base) read shard by shard
+        from experiments.commonsense.embedded import ensure_embedded
+
+        ensure_embedded(cache_dir=cache)  # what the embedded runs load (written once per cache)
+        extra = _sharded_checkpoint(cache, tmp_path / "ckpt")
+    _single(mesh, tmp_path / "single", cache, extra)  # the embedded runs: also writes the model/data into the cache
+    code, logs = launch(procs, _cmd(mesh, tmp_path / "multi", cache, extra), cwd=str(ROOT), timeout=600)
     assert code == 0, "\n".join(f"--- process {i}\n{log[-3000:]}" for i, log in enumerate(logs))
     _compare(tmp_path / "single", tmp_path / "multi", procs, logs)

@@ -137,6 +137,54 @@ def test_fetches_only_at_log_and_checkpoint_steps(params, mesh, reference, tmp_p
     _assert_tree_equal(tr.state.params, reference["params"][6])
 
 
+def test_timed_checkpoints_every_n_minutes(params, mesh, tmp_path, monkeypatch):
+    """checkpoint_minutes=1 on a fake clock that moves 25 s per step: saves at steps 3 and 6
+    (75 s after the start, 75 s after the save at 3), and at the end; 0 saves only at the end."""
+    import types
+
+    train_mod = sys.modules["gralora_jax.train"]  # the package exports a function of the same name
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock["t"], time=lambda: 0.0))
+    on_next = lambda step: clock.__setitem__("t", 25.0 * step)  # noqa: E731
+    tr = _trainer(params, mesh, tmp_path / "timed", steps=8, checkpoint_minutes=1, log_every=8)
+    tr.fit(_Data(on_next=on_next))
+    assert tr.checkpointer.all_steps() == [3, 6, 8]
+    assert tr.sync_steps == [3, 6, 8]
+    clock["t"] = 0.0
+    tr = _trainer(params, mesh, tmp_path / "untimed", steps=8, log_every=8)
+    tr.fit(_Data(on_next=on_next))
+    assert tr.checkpointer.all_steps() == [8]
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        TrainConfig(checkpoint_minutes=float("nan"))
+
+
+def test_processes_agree_on_stop_and_timed_save(monkeypatch):
+    """Several processes: flags are exchanged only every stop_check_every steps and any
+    process's stop or due save counts for all (the max over processes)."""
+    from jax.experimental import multihost_utils
+
+    from gralora_jax.train import _agreed_stop
+
+    others = {"flags": np.array([0, 0], np.int32)}
+    gathered = []
+
+    def allgather(mine):
+        gathered.append(mine)
+        return np.stack([mine, others["flags"]])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    assert _agreed_stop("sigterm", 7, 10, True) == (None, False) and not gathered  # not a check step
+    assert _agreed_stop(None, 10, 10, False) == (None, False)
+    others["flags"] = np.array([0, 1], np.int32)  # another process's clock says a save is due
+    assert _agreed_stop(None, 20, 10, False) == (None, True)
+    others["flags"] = np.array([1, 0], np.int32)  # another process got SIGTERM
+    assert _agreed_stop("sigint", 30, 10, False) == ("sigint", False)  # sigint outranks sigterm
+    assert _agreed_stop(None, 40, 10, False) == ("sigterm", False)
+    assert len(gathered) == 4
+
+
 # ----------------------------------------------------------------------------- non-finite guard
 
 

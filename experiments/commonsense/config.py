@@ -153,7 +153,12 @@ class ExperimentConfig:
     resume: bool = _opt(True, "continue from the latest checkpoint in the output dir when there is one")
     export_merged: bool = _opt(False, "also write the base with the adapter merged, as an HF checkpoint "
                                       "(OUTPUT_DIR/merged)")
-    checkpoint_every: int = _opt(0, "steps between checkpoints (0: at the end and on SIGINT/SIGTERM only)", low=0)
+    checkpoint_every: int = _opt(0, "steps between checkpoints (0: none by step count; see --checkpoint-minutes)",
+                                 low=0)
+    checkpoint_minutes: float = _opt(15.0, "also checkpoint once this many minutes have passed since the last "
+                                           "checkpoint, so a preempted run loses at most about that much "
+                                           "(0: only by --checkpoint-every, at the end and on SIGINT/SIGTERM)",
+                                     low=0, metavar="MIN")
     log_every: int = _opt(10, "steps between metrics.jsonl rows", low=1)
     progress: Optional[bool] = _opt(None, "progress bars for training and evaluation (default: on when "
                                           "stderr is a terminal)")

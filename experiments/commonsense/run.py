@@ -352,7 +352,8 @@ def train(inputs: Inputs, adapted: Adapted) -> Trained:
                         warmup_ratio=cfg.warmup_ratio, schedule="cosine", weight_decay=cfg.weight_decay,
                         b1=0.9, b2=0.95 if cfg.optimizer == "lion" else 0.999)
     tcfg = TrainConfig(steps=inputs.steps, grad_accum=cfg.batch_size // cfg.micro_batch_size, output_dir=inputs.out,
-                       seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                       seed=cfg.seed, checkpoint_every=cfg.checkpoint_every,
+                       checkpoint_minutes=cfg.checkpoint_minutes, log_every=cfg.log_every,
                        progress=show_progress(cfg), tensorboard=False)
     guard = config_lib.resume_guard(cfg, inputs.steps)
     meta = {"adapter_config": adapted.adapter_config.to_peft_dict() if adapted.adapter_config is not None
