@@ -103,18 +103,13 @@ def test_beam_search_with_eos_matches_torch(llama):
     assert_same(got, want, 0)
 
 
-def test_mistral_window_and_scan_greedy():
-    cfg, tm, model, params = build("MistralConfig", seed=3, sliding_window=3)
-    ids, mask = prompts(seed=2)
-    want = torch_generate(tm, ids, mask, eos_token_id=None, pad_token_id=0)
-    assert_same(generate(model, params, ids, mask, NEW), want, 0)
-    scanned = auto_model(cfg, scan_layers=True)
-    assert_same(generate(scanned, stack_layer_params(params), ids, mask, NEW), want, 0)
-
-
-def test_qwen3_qk_norm_greedy_unrolled_and_scanned():
-    cfg, tm, model, params = build("Qwen3Config", seed=4, head_dim=24)
-    ids, mask = prompts(seed=5)
+@pytest.mark.parametrize("config_name,seeds,extra", [
+    ("MistralConfig", (3, 2), {"sliding_window": 3}),  # a sliding window
+    ("Qwen3Config", (4, 5), {"head_dim": 24}),  # q/k norms, head_dim != hidden / heads
+])
+def test_greedy_unrolled_and_scanned(config_name, seeds, extra):
+    cfg, tm, model, params = build(config_name, seed=seeds[0], **extra)
+    ids, mask = prompts(seed=seeds[1])
     want = torch_generate(tm, ids, mask, eos_token_id=None, pad_token_id=0)
     assert_same(generate(model, params, ids, mask, NEW), want, 0)
     scanned = auto_model(cfg, scan_layers=True)
