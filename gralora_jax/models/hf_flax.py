@@ -16,6 +16,7 @@ follow. Its attention mask spans the whole cache (``[B, P + max_new_tokens]``), 
 >>> class Fake:  # anything with ``init_cache`` and a ``config.vocab_size``
 ...     class config:
 ...         vocab_size = 7
+...     def init_cache(self, batch, length): ...
 >>> is_hf_flax(Fake()), vocab_size(Fake())
 (True, 7)
 """
