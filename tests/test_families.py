@@ -18,7 +18,7 @@ from gralora_jax import tree as tree_lib
 from gralora_jax.loading import read_safetensors_file
 from gralora_jax.surgery import IN_OUT, OUT_IN, get_gralora_model
 
-jax.config.update("jax_default_matmul_precision", "highest")
+MATMUL_PRECISION = "highest"  # set around this module by conftest.matmul_precision
 ATOL = 1e-4
 IDS = np.array([[3, 5, 7, 9, 11, 13, 2, 4]], dtype=np.int32)
 
