@@ -10,7 +10,7 @@ Timing: the step is lowered and compiled ahead of time (``compile_s``), run ``wa
 then ``steps`` times back to back with one ``block_until_ready`` at the end (dispatch overlaps
 the device, as in a training loop). Peak memory is the device allocator's
 ``peak_bytes_in_use`` for the whole process (one method per process).
-``loss="chunked"`` uses :func:`gralora_jax.models.losses.chunked_cross_entropy` on the final
+``loss="chunked"`` uses :func:`gralora_jax.losses.chunked_cross_entropy` on the final
 hidden state instead of materialising the float32 ``[B, T, vocab]`` logits.
 
 The steps after the model and its weights exist (surgery :func:`apply_method`, the loss
@@ -103,7 +103,7 @@ def make_loss_fn(loss: str, logits: Callable, hidden: Callable, head_kernel: Cal
     """``loss_fn(params, batch, rng, train) -> (loss, {})`` of next-token prediction on ``input_ids``.
 
     ``loss="full"``: :func:`gralora_jax.losses.causal_lm_loss` on ``logits(params, ids)``;
-    ``"chunked"``: :func:`gralora_jax.models.losses.chunked_cross_entropy` of
+    ``"chunked"``: :func:`gralora_jax.losses.chunked_cross_entropy` of
     ``hidden(params, ids)`` (final, normed hidden state) against ``head_kernel(params)``
     (``[hidden, vocab]``), 1024 tokens at a time over the *flattened* batch (what the 2026-11-29
     H200 tables used; on a data-parallel mesh the chunks cut across the data shards);
@@ -111,8 +111,7 @@ def make_loss_fn(loss: str, logits: Callable, hidden: Callable, head_kernel: Cal
     ``make_causal_lm_loss_fn`` uses): the same sum, chunked within each row, so the data axis
     stays sharded.
     """
-    from gralora_jax.losses import causal_lm_loss, chunked_causal_lm_loss
-    from gralora_jax.models.losses import chunked_cross_entropy
+    from gralora_jax.losses import causal_lm_loss, chunked_causal_lm_loss, chunked_cross_entropy
 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

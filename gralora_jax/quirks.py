@@ -10,8 +10,8 @@ quirk goes away, so it can be deleted then.
     (``min``/``max`` remain), so building or running a Flax T5 raises ``TypeError``. The patch
     rebinds the name ``jnp`` *inside those transformers modules only* to a thin proxy of
     ``jax.numpy`` whose ``clip`` also accepts ``a_min``/``a_max``; ``jax.numpy`` itself is left
-    alone. :func:`gralora_jax.surgery.get_gralora_model` applies it for T5 models; call it
-    yourself before constructing a Flax T5 model::
+    alone. :func:`gralora_jax.loading.load_pretrained` (``build_model``) applies it where it
+    builds a Flax T5; call it yourself before constructing one directly::
 
         from gralora_jax.quirks import patch_t5_clip
         patch_t5_clip()

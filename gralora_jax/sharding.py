@@ -44,10 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gralora_jax import kinds
 from gralora_jax import tree as tree_lib
 from gralora_jax.kinds import MeshAxes
-
-AXES_2D = ("data", "model")
-AXES_3D = ("data", "fsdp", "model")
-BATCH_AXES = ("data", "fsdp")
+from gralora_jax.meshspec import AXES_2D, AXES_3D, BATCH_AXES, parse_mesh  # noqa: F401 - part of this API
 
 _F = "fsdp"
 _M = "model"
@@ -103,20 +100,6 @@ RULES: dict[str, list[tuple[str, P]]] = {
 OUT_IN_KERNELS: dict[str, list[str]] = {
     "gpt2": [r"(^|/)h/\d+/(attn|mlp)/c_\w+/kernel$"],
 }
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-    """``"DxM"`` -> ``{"data": D, "model": M}``; ``"DxFxM"`` -> ``{"data", "fsdp", "model"}``."""
-    if not isinstance(spec, str):
-        raise ValueError(f"mesh spec must be a string like '4x2' or '2x2x2', got {spec!r}")
-    parts = spec.strip().lower().split("x")
-    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(
-            f"bad mesh spec {spec!r}: expected 'DxM' (data x model, e.g. '4x2') or 'DxFxM' "
-            "(data x fsdp x model, e.g. '2x2x2') with positive integers"
-        )
-    names = AXES_2D if len(parts) == 2 else AXES_3D
-    return dict(zip(names, (int(p) for p in parts)))
 
 
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:

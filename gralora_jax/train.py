@@ -372,7 +372,7 @@ def select_causal_lm_loss(gralora_model, loss: str = "auto", params=None) -> str
     raise ValueError(f"loss='chunked' would drop the adapter on {heads}: use loss='full' or 'auto'")
 
 
-def make_causal_lm_loss_fn(gralora_model, *, model_dropout: bool = False, loss: str = "auto",
+def make_causal_lm_loss_fn(gralora_model, *, loss: str = "auto",
                            chunk_size: int = 1024, right_padded: bool = False) -> LossFn:
     """``loss_fn`` for a :class:`gralora_jax.surgery.GraLoRAModel` (or anything with
     ``logits_fn(params, input_ids, attention_mask, *, dropout_rng, train)``).

@@ -16,3 +16,18 @@ DATA_DIR = pathlib.Path(__file__).parent / "data"
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     return DATA_DIR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def matmul_precision(request):
+    """A test module that sets ``MATMUL_PRECISION`` (e.g. ``"highest"``, for float32 parity with
+    PyTorch or numpy) runs its fixtures and tests under ``jax.default_matmul_precision`` of it;
+    other modules keep jax's default. Scoped to the module: no import-time global switch."""
+    value = getattr(request.module, "MATMUL_PRECISION", None)
+    if value is None:
+        yield None
+        return
+    import jax
+
+    with jax.default_matmul_precision(value):
+        yield value

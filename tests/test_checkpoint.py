@@ -140,6 +140,7 @@ def _load(path):
     return [z[f"arr_{i}"] for i in range(len(z.files))]
 
 
+@pytest.mark.slow  # a subprocess end to end
 def test_exact_resume_after_sigkill(tmp_path):
     cache = tmp_path / "jax_cache"  # shared compilation cache: the 2nd/3rd runs skip compiling
     straight = _worker(tmp_path / "straight", "--steps", "6", "--ckpt-every", "3", cache=cache)

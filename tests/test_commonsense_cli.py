@@ -20,6 +20,7 @@ from experiments.commonsense.tasks import TASKS, TASK_LABELS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EVAL_LIMIT = 48
+pytestmark = pytest.mark.slow  # the CLI end to end in a subprocess
 
 
 @pytest.fixture(scope="module")

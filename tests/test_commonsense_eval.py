@@ -3,8 +3,9 @@
 * The embedded checkpoint is a valid HF checkpoint: transformers' PyTorch Llama loads the
   directory and gives the logits our ``load_pretrained`` model gives.
 * ``score_options`` (loglik mode) equals log-probabilities computed with PyTorch.
-* The cache-less fallback decoder gives the same greedy continuations as
-  ``gralora_jax.models.generate`` (KV cache), with a non-zero GraLoRA adapter routed in.
+* Generation is one decoder for every model class: with ``--num-beams 4`` and a non-zero
+  GraLoRA adapter routed in, our Llama and transformers' Flax Llama holding the same weights
+  give the same answers (``test_models_generation`` checks both against PyTorch ``generate``).
 """
 
 import json
@@ -62,24 +63,26 @@ def test_loglik_scores_match_torch(setup):
             assert val == pytest.approx(want, rel=1e-4, abs=1e-3)
 
 
-def test_fallback_decoder_matches_library_generate(setup):
+def test_beam_answers_equal_for_our_model_transformers_flax_and_torch(setup):
     import jax
 
+    from experiments.commonsense.config import make_config
+    from experiments.commonsense.run import make_decoder
     from gralora_jax.config import GraLoRAConfig
-    from gralora_jax.models import generate
+    from gralora_jax.loading.pretrained import load_pretrained
     from gralora_jax.surgery import get_gralora_model
 
     root, model, params, tok, recs = setup
-    cfg = GraLoRAConfig(r=8, alpha=16, gralora_k=2, target_modules=("q_proj", "v_proj", "down_proj"), init_weights=False)
-    gm = get_gralora_model(model, cfg, params=params, rng=jax.random.PRNGKey(1))
+    hf_model, hf_params = load_pretrained(root / "model", use_ours=False)
+    assert type(hf_model).__name__ == "FlaxLlamaForCausalLM"
+    cfg = make_config(num_beams=4, max_new_tokens=6)
+    adapter = GraLoRAConfig(r=8, alpha=16, gralora_k=2, target_modules=("q_proj", "v_proj", "down_proj"),
+                            init_weights=False)
+    answers = []
+    for m, p in ((model, params), (hf_model, hf_params)):
+        gm = get_gralora_model(m, adapter, params=p, rng=jax.random.PRNGKey(1))
+        answers.append(E.generate_answers(make_decoder(gm, tok, cfg), gm.params, tok, recs, batch_size=8,
+                                          max_prompt_len=128))
+    assert answers[0] == answers[1]
+    assert any(t.strip() for t in answers[0])  # something was generated
 
-    def wrapper():
-        return gm.intercept(False)
-
-    lib = lambda p, i, a: generate(model, p, i, a, 6, eos_token_id=tok.eos_token_id,  # noqa: E731
-                                   pad_token_id=tok.pad_token_id, apply_wrapper=wrapper)
-    ours = E.generate_answers(gm.logits_fn, gm.params, tok, recs, max_new_tokens=6, batch_size=8, max_prompt_len=128)
-    theirs = E.generate_answers(gm.logits_fn, gm.params, tok, recs, max_new_tokens=6, batch_size=8,
-                                max_prompt_len=128, generate_fn=lib)
-    assert ours == theirs
-    assert any(t.strip() for t in ours)  # something was generated

@@ -13,7 +13,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from gralora_jax import layers
 
-jax.config.update("jax_default_matmul_precision", "highest")
+MATMUL_PRECISION = "highest"  # set around this module by conftest.matmul_precision
 
 IN, OUT, R = 32, 48, 16
 

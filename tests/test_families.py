@@ -18,7 +18,7 @@ from gralora_jax import tree as tree_lib
 from gralora_jax.loading import read_safetensors_file
 from gralora_jax.surgery import IN_OUT, OUT_IN, get_gralora_model
 
-jax.config.update("jax_default_matmul_precision", "highest")
+MATMUL_PRECISION = "highest"  # set around this module by conftest.matmul_precision
 ATOL = 1e-4
 IDS = np.array([[3, 5, 7, 9, 11, 13, 2, 4]], dtype=np.int32)
 
@@ -142,3 +142,23 @@ def test_get_gralora_model_applies_t5_quirk(monkeypatch):
     gm = get_gralora_model(model, GraLoRAConfig(r=4, alpha=8, target_modules=["q"]))
     assert isinstance(t5.jnp, quirks._JnpWithOldClip)
     assert gm(jnp.asarray(IDS), decoder_input_ids=jnp.asarray(IDS)).logits.shape == (1, 8, 64)
+
+
+def test_loading_builds_a_flax_t5_in_a_fresh_process():
+    """The quirk is applied where the T5 model is built (``loading.build_model``), so a fresh
+    process can build and run one without touching ``get_gralora_model``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp, transformers\n"
+        "from gralora_jax.loading.pretrained import build_model\n"
+        "cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)\n"
+        "model = build_model(cfg, model_family='seq2seq')\n"
+        "params = model.init_weights(jax.random.PRNGKey(0), (1, 4))\n"
+        "ids = jnp.ones((1, 4), jnp.int32)\n"
+        "print(model(ids, decoder_input_ids=ids, params=params).logits.shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(1, 4, 64)")

@@ -14,7 +14,7 @@ from gralora_jax import layers
 from gralora_jax.config import GraLoRAConfig
 from conftest import DATA_DIR
 
-jax.config.update("jax_default_matmul_precision", "highest")
+MATMUL_PRECISION = "highest"  # set around this module by conftest.matmul_precision
 
 MANIFEST = json.loads((DATA_DIR / "manifest.json").read_text())
 CASES = {c["name"]: c for c in MANIFEST["layer_cases"]}

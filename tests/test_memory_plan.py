@@ -25,6 +25,7 @@ def _plan(*args):
     return {(r["mesh"], r["method"]): r for r in map(json.loads, out.stdout.strip().splitlines())}
 
 
+@pytest.mark.slow  # a subprocess end to end
 @pytest.mark.parametrize("layout", ["unrolled", "scanned"])
 def test_fsdp_mesh_no_involuntary_rematerialization(layout):
     extra = ["--no-scan", "--remat", "none"] if layout == "unrolled" else ["--remat", "full"]

@@ -147,3 +147,18 @@ def test_bad_arguments(llama):
         generate(model, params, np.ones((1, 3), np.int32), None, 0)
     with pytest.raises(ValueError, match="input_ids"):
         generate(model, params, np.ones((3,), np.int32), None, 2)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_transformers_flax_model_decodes_like_torch(num_beams):
+    """The same decoder runs transformers' Flax causal LMs (their own cache layout and counters)."""
+    cfg, tm, model, params = build(seed=2)  # rotary base 10000: transformers' Flax Llama ignores rope_theta
+    hf = transformers.FlaxLlamaForCausalLM(cfg, _do_init=False)
+    ids, mask = prompts(seed=1)
+    greedy = np.asarray(generate(hf, params, ids, mask, NEW))
+    eos = int(greedy[1, 7 + 1])
+    want = torch_generate(tm, ids, mask, num_beams=num_beams, eos_token_id=eos, pad_token_id=0)
+    got = generate(hf, params, ids, mask, NEW, num_beams=num_beams, eos_token_id=eos, pad_token_id=0)
+    assert_same(got, want, 0)
+    np.testing.assert_array_equal(got, generate(model, params, ids, mask, NEW, num_beams=num_beams,
+                                                eos_token_id=eos, pad_token_id=0))

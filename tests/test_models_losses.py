@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gralora_jax.models.losses import chunked_cross_entropy
+from gralora_jax.losses import chunked_cross_entropy
 
 
 def plain(hidden, kernel, labels, mask, softcap=None):

@@ -18,7 +18,7 @@ from gralora_jax import tree as tree_lib
 from gralora_jax.loading import load_pretrained, read_safetensors_file
 from gralora_jax.surgery import GraLoRAModel
 
-jax.config.update("jax_default_matmul_precision", "highest")
+MATMUL_PRECISION = "highest"  # set around this module by conftest.matmul_precision
 
 CASE = "model_tiny_llama_r8_k2_h0"
 ATOL = 1e-4

@@ -1,8 +1,4 @@
-"""The README's "Using GraLoRA with a Hugging Face Flax model" code block runs as written.
-
-Taken from README.md when that section there has a ```python block, else from docs/usage.md
-(the draft the README section is pasted from).
-"""
+"""The README's "Using GraLoRA with a Hugging Face Flax model" code block runs as written."""
 
 import os
 import pathlib
@@ -15,18 +11,14 @@ HEADING = "Using GraLoRA with a Hugging Face Flax model"
 
 
 def usage_code() -> tuple[str, pathlib.Path]:
-    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md"):
-        if path.exists():
-            text = path.read_text()
-            i = text.find(HEADING)
-            if i < 0:
-                continue
-            section = text[i:].split("\n## ", 1)[0]  # up to the next heading of the same level
-            m = re.search(r"```python\n(.*?)```", section, re.S)
-            if m is not None:
-                return m.group(1), path
-            # the README holds a placeholder until the section is pasted: use the draft
-    raise AssertionError(f"neither README.md nor docs/usage.md has a section {HEADING!r}")
+    path = ROOT / "README.md"
+    text = path.read_text()
+    i = text.find(HEADING)
+    assert i >= 0, f"README.md has no section {HEADING!r}"
+    section = text[i:].split("\n## ", 1)[0]  # up to the next heading of the same level
+    m = re.search(r"```python\n(.*?)```", section, re.S)
+    assert m is not None, f"README.md's section {HEADING!r} has no python block"
+    return m.group(1), path
 
 
 def test_usage_block_runs(tmp_path, monkeypatch):

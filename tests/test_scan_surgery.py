@@ -27,7 +27,7 @@ from gralora_jax.sharding import make_mesh, param_partition_specs  # noqa: E402
 from gralora_jax.surgery import GraLoRAModel, get_gralora_model  # noqa: E402
 from gralora_jax.train import init_train_state, make_causal_lm_loss_fn, make_train_step  # noqa: E402
 
-jax.config.update("jax_default_matmul_precision", "highest")
+MATMUL_PRECISION = "highest"  # set around this module by conftest.matmul_precision
 ATOL = 1e-4
 LAYERS = 3
 IDS = np.array([[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10, 12, 14, 16]], dtype=np.int64)

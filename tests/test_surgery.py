@@ -12,7 +12,7 @@ from gralora_jax import GraLoRAConfig, LoRAConfig
 from gralora_jax import tree as tree_lib
 from gralora_jax.surgery import GraLoRAModel, add_adapters, get_gralora_model
 
-jax.config.update("jax_default_matmul_precision", "highest")
+MATMUL_PRECISION = "highest"  # set around this module by conftest.matmul_precision
 IDS = jnp.array([[3, 5, 7, 9, 11, 13, 2, 4]], dtype=jnp.int32)
 
 

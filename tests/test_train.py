@@ -240,6 +240,7 @@ def test_llama_gralora_trains_on_4x2_mesh():
         np.testing.assert_array_equal(v, tree_lib.flatten(params)[p])
 
 
+@pytest.mark.slow  # a subprocess end to end
 def test_two_processes_match_single_device(reference):
     """Two CPU processes x 4 devices (jax.distributed + gloo) on one 4x2 mesh, each feeding its
     half of the batch through global_batch_from_local: same losses as one device."""

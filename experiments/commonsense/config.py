@@ -22,7 +22,8 @@ them when ``model`` is given, then the caller's values over that::
     ...     print(e)
     --lr must be a finite number > 0, got nan
 
-This module imports neither jax nor the library (``--help`` and parse errors stay fast).
+This module imports neither jax nor the jax parts of the library (``--help`` and parse errors
+stay fast): the mesh string is read by the jax-free :mod:`gralora_jax.meshspec`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import typing
 from typing import Any, Optional
 
 from experiments.commonsense.tasks import TASKS, parse_tasks
+from gralora_jax import meshspec
 
 METHODS = ("gralora", "lora", "full")
 OPTIMIZERS = ("lion", "adamw", "sgd")
@@ -294,15 +296,17 @@ def validate(cfg: ExperimentConfig) -> None:
     if cfg.model is not None and (cfg.train_data is None or cfg.eval_dir is None):
         raise UserError("with --model, give --train-data and --eval-dir too (the embedded synthetic data fits "
                         "only the embedded tokenizer)")
-    _mesh_sizes(cfg.mesh)
+    _check_mesh(cfg.mesh)
 
 
-def _mesh_sizes(spec: str) -> tuple[int, ...]:
-    parts = spec.strip().lower().split("x")
-    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+def _check_mesh(spec: str) -> str:
+    """``spec`` if it is a mesh string (:func:`gralora_jax.meshspec.parse_mesh`), else :class:`UserError`."""
+    try:
+        meshspec.parse_mesh(spec)
+        return spec
+    except ValueError:
         raise UserError(f"--mesh must be DATAxMODEL or DATAxFSDPxMODEL with positive sizes (e.g. 4x2, 2x2x2), "
-                        f"got {spec!r}")
-    return tuple(int(p) for p in parts)
+                        f"got {spec!r}") from None
 
 
 # ----------------------------------------------------------------------------- values resolved against the mesh / model
@@ -310,13 +314,12 @@ def _mesh_sizes(spec: str) -> tuple[int, ...]:
 
 def data_parallel_size(cfg: ExperimentConfig) -> int:
     """Sequences are split over the data (and FSDP) axes of ``--mesh``."""
-    sizes = _mesh_sizes(cfg.mesh)
-    return math.prod(sizes[:-1])
+    return meshspec.data_parallel_size(_check_mesh(cfg.mesh))
 
 
 def mesh_devices(cfg: ExperimentConfig) -> int:
     """How many devices ``--mesh`` uses."""
-    return math.prod(_mesh_sizes(cfg.mesh))
+    return meshspec.mesh_size(_check_mesh(cfg.mesh))
 
 
 def micro_batch_size(cfg: ExperimentConfig) -> int:

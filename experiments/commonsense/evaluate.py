@@ -12,14 +12,11 @@ padded to a multiple of the data-parallel size; padding rows are dropped):
   instruction mentions), score ``log p("the correct answer is <label>" + EOS | prompt)``
   and pick the best. One forward per candidate, no decoding loop.
 
-Decoding is written over a pure ``logits_fn(params, input_ids, attention_mask) -> logits``
-(``GraLoRAModel.logits_fn``, so adapter routing is active) without a KV cache: the batch is
-right-padded into a fixed buffer ``[B, prompt_bucket + max_new_tokens]`` and every step
-re-runs the forward and reads each row's logits at its own current position. Causal
-attention makes the later (padding) positions irrelevant, positions need no shifting, and
-the whole loop is one ``lax.fori_loop`` that compiles once per prompt bucket. That is
-cheap for the short answers of these tasks (a handful of tokens); a cached decoder would
-be faster for long generations.
+Generation is :func:`gralora_jax.models.generate` (KV cache, transformers-style beam search),
+the one decoder of the library, for our models and transformers' Flax models alike: the
+caller passes ``generate_fn(params, input_ids, attention_mask) -> [B, P + new]`` over
+left-padded prompts (``experiments.commonsense.run.make_decoder`` builds it with the adapters
+routed in). Log-likelihood scoring runs a pure ``logits_fn(params, input_ids, attention_mask)``.
 
 >>> extract_answer("piqa", "the correct answer is solution2, not solution1")
 'solution2'
@@ -140,100 +137,29 @@ def _dp_size(mesh) -> int:
     return sharding.data_parallel_size(mesh)
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-def _compile_decoder(logits_fn: Callable, max_new_tokens: int, num_beams: int, eos_id: int, pad_id: int):
-    """A jitted ``(params, ids [B, L], lengths [B]) -> generated [B, max_new_tokens]``."""
-    import jax
-    import jax.numpy as jnp
-
-    def logprobs_at(params, ids, pos):
-        att = (jnp.arange(ids.shape[1])[None, :] <= pos[:, None]).astype(jnp.int32)
-        logits = logits_fn(params, ids, att)
-        last = jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-        return jax.nn.log_softmax(last, axis=-1)
-
-    def greedy(params, ids, lengths):
-        b = ids.shape[0]
-
-        def body(t, carry):
-            ids, done, out = carry
-            pos = lengths + t - 1
-            nxt = jnp.argmax(logprobs_at(params, ids, pos), axis=-1).astype(ids.dtype)
-            nxt = jnp.where(done, pad_id, nxt)
-            ids = ids.at[jnp.arange(b), pos + 1].set(nxt)
-            out = out.at[:, t].set(nxt)
-            return ids, done | (nxt == eos_id), out
-
-        out = jnp.full((b, max_new_tokens), pad_id, ids.dtype)
-        _, _, out = jax.lax.fori_loop(0, max_new_tokens, body, (ids, jnp.zeros((b,), bool), out))
-        return out
-
-    def beam(params, ids, lengths):
-        b, L = ids.shape
-        k = num_beams
-        ids = jnp.repeat(ids, k, axis=0)  # [b*k, L]
-        lens = jnp.repeat(lengths, k)
-        # Only beam 0 is live at the start so the k copies do not fill the beam with duplicates.
-        scores = jnp.tile(jnp.array([0.0] + [-1e9] * (k - 1), jnp.float32), (b, 1))  # [b, k]
-        done = jnp.zeros((b, k), bool)
-        gen_len = jnp.zeros((b, k), jnp.int32)
-        out = jnp.full((b, k, max_new_tokens), pad_id, ids.dtype)
-
-        def body(t, carry):
-            ids, scores, done, gen_len, out = carry
-            pos = lens + t - 1
-            lp = logprobs_at(params, ids, pos).reshape(b, k, -1)  # [b, k, V]
-            v = lp.shape[-1]
-            # A finished beam extends only with padding at no cost.
-            fin = jnp.full((v,), -1e9, jnp.float32).at[pad_id].set(0.0)
-            lp = jnp.where(done[..., None], fin, lp)
-            cand = (scores[..., None] + lp).reshape(b, k * v)
-            top, idx = jax.lax.top_k(cand, k)  # [b, k]
-            src, tok = idx // v, (idx % v).astype(ids.dtype)
-            gather = (jnp.arange(b)[:, None] * k + src).reshape(-1)
-            ids = ids[gather]
-            out = jnp.take_along_axis(out, src[..., None], axis=1).at[:, :, t].set(tok)
-            prev_done = jnp.take_along_axis(done, src, axis=1)
-            gen_len = jnp.take_along_axis(gen_len, src, axis=1) + (~prev_done).astype(jnp.int32)
-            done = prev_done | (tok == eos_id)
-            ids = ids.at[jnp.arange(b * k), pos + 1].set(tok.reshape(-1))
-            return ids, top, done, gen_len, out
-
-        ids, scores, done, gen_len, out = jax.lax.fori_loop(0, max_new_tokens, body, (ids, scores, done, gen_len, out))
-        # HF's default length_penalty=1.0: rank finished hypotheses by score / length.
-        norm = scores / jnp.maximum(gen_len, 1).astype(jnp.float32)
-        best = jnp.argmax(norm, axis=1)
-        return jnp.take_along_axis(out, best[:, None, None], axis=1)[:, 0]
-
-    return jax.jit(greedy if num_beams <= 1 else beam)
+# ----------------------------------------------------------------------------- generation
 
 
 def generate_answers(
-    logits_fn: Callable,
+    generate_fn: Callable,
     params: Any,
     tokenizer,
     records: Sequence[Mapping[str, Any]],
     *,
-    max_new_tokens: int = 32,
-    num_beams: int = 1,
     batch_size: int = 32,
     max_prompt_len: int = 512,
     mesh=None,
-    generate_fn: Callable | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Decoded continuations after ``### Response:`` for every record (special tokens skipped).
 
-    ``generate_fn(params, input_ids, attention_mask) -> [B, P + new]`` (left-padded prompts, the
-    ``gralora_jax.models.generate`` contract, KV-cached) is used when given; otherwise the
-    cache-less decoder over ``logits_fn``. ``on_batch(n)`` is called after each batch of ``n`` records.
+    ``generate_fn(params, input_ids, attention_mask) -> [B, P + new]`` takes left-padded prompts
+    (the :func:`gralora_jax.models.generate` contract; it fixes the number of new tokens and
+    beams). ``on_batch(n)`` is called after each batch of ``n`` records.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
         pad = eos
-    decoders: dict = {}
     prompts = [_encode(tokenizer, build_prompt(r["instruction"], r.get("input", "")), max_prompt_len) for r in records]
     dp = _dp_size(mesh)
     bs = max(dp, -(-batch_size // dp) * dp)
@@ -243,30 +169,14 @@ def generate_answers(
     for s in range(0, len(prompts), bs):
         chunk = prompts[s : s + bs]
         p_len = data_lib.bucket_for(max(len(p) for p in chunk), bucket_sizes)
-        if generate_fn is not None:
-            ids = np.full((len(chunk), p_len), pad, np.int32)
-            att = np.zeros((len(chunk), p_len), np.int32)
-            for i, p in enumerate(chunk):
-                ids[i, p_len - len(p) :] = p
-                att[i, p_len - len(p) :] = 1
-            arrays, n = _pad_rows({"ids": ids, "att": att}, dp, bs)
-            placed = _place(arrays, mesh)
-            out = _fetch(generate_fn(params, placed["ids"], placed["att"]))[:n, p_len:]
-            texts += [_decode(tokenizer, row, eos) for row in out]
-            if on_batch:
-                on_batch(len(chunk))
-            continue
-        L = p_len + max_new_tokens
-        ids = np.full((len(chunk), L), pad, np.int32)
+        ids = np.full((len(chunk), p_len), pad, np.int32)
+        att = np.zeros((len(chunk), p_len), np.int32)
         for i, p in enumerate(chunk):
-            ids[i, : len(p)] = p
-        lengths = np.array([len(p) for p in chunk], np.int32)
-        arrays, n = _pad_rows({"ids": ids, "lengths": lengths}, dp, bs)
+            ids[i, p_len - len(p) :] = p
+            att[i, p_len - len(p) :] = 1
+        arrays, n = _pad_rows({"ids": ids, "att": att}, dp, bs)
         placed = _place(arrays, mesh)
-        key = L
-        if key not in decoders:
-            decoders[key] = _compile_decoder(logits_fn, max_new_tokens, num_beams, eos, pad)
-        out = _fetch(decoders[key](params, placed["ids"], placed["lengths"]))[:n]
+        out = _fetch(generate_fn(params, placed["ids"], placed["att"]))[:n, p_len:]
         texts += [_decode(tokenizer, row, eos) for row in out]
         if on_batch:
             on_batch(len(chunk))
@@ -352,24 +262,23 @@ def evaluate_task(
     records: Sequence[Mapping[str, Any]],
     *,
     mode: str = "generate",
-    num_beams: int = 1,
-    max_new_tokens: int = 32,
     batch_size: int = 32,
     cutoff_len: int = 256,
     mesh=None,
     generate_fn: Callable | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> TaskResult:
-    """Accuracy of one task by ``mode`` ("generate" | "loglik")."""
+    """Accuracy of one task by ``mode``: "generate" (needs ``generate_fn``, see :func:`generate_answers`)
+    or "loglik" (``logits_fn``)."""
     if mode not in EVAL_MODES:
         raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {mode!r}")
+    if mode == "generate" and generate_fn is None:
+        raise ValueError("eval mode 'generate' needs a generate_fn (gralora_jax.models.generate over the model)")
     check_task(task)
     res = TaskResult(task, 0, len(records))
     if mode == "generate":
-        outs = generate_answers(
-            logits_fn, params, tokenizer, records, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            batch_size=batch_size, max_prompt_len=cutoff_len, mesh=mesh, generate_fn=generate_fn, on_batch=on_batch,
-        )
+        outs = generate_answers(generate_fn, params, tokenizer, records, batch_size=batch_size,
+                                max_prompt_len=cutoff_len, mesh=mesh, on_batch=on_batch)
         for r, o in zip(records, outs):
             pred = extract_answer(task, o)
             res.correct += pred == r["answer"]

@@ -483,11 +483,9 @@ def _staged_dir(dest: str):
 
 
 def make_decoder(gm, tokenizer, cfg: ExperimentConfig):
-    """A KV-cached ``generate_fn(params, ids, mask)`` for our models, None for others (cache-less fallback)."""
-    from gralora_jax.models import CausalLM, generate
-
-    if not isinstance(gm.model, CausalLM):
-        return None
+    """``generate_fn(params, ids, mask)``: :func:`gralora_jax.models.generate` (KV cache, ``--num-beams``)
+    over the adapted model, ours or a transformers Flax causal LM, with its adapters routed in."""
+    from gralora_jax.models import generate
 
     def wrapper():  # one object: generate() caches its compiled loop per wrapper
         return gm.intercept(False)
@@ -505,9 +503,8 @@ def evaluate(inputs: Inputs, adapted: Adapted, params) -> dict[str, eval_lib.Tas
     with mesh_context(inputs.mesh):
         return eval_lib.evaluate_all(
             adapted.gm.logits_fn, params, inputs.tokenizer, inputs.eval_sets, mode=cfg.eval_mode,
-            num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
-            cutoff_len=max(cfg.cutoff_len, 512), mesh=inputs.mesh, generate_fn=decoder, log=log,
-            progress=show_progress(cfg),
+            batch_size=cfg.eval_batch_size, cutoff_len=max(cfg.cutoff_len, 512), mesh=inputs.mesh,
+            generate_fn=decoder, log=log, progress=show_progress(cfg),
         )
 
 

@@ -135,19 +135,13 @@ def _config_from_meta(meta: dict, has_output: bool, vocab_rows: int | None):
 def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row order: per head, interleaved pairs -> rotate-halves.
 
-    ``w`` is ``[n_heads * head_dim, in]``. Inverse of :func:`permute_rotary`.
+    ``w`` is ``[n_heads * head_dim, in]``. Inverse of llama.cpp's ``LlamaModel.permute``.
     """
     rows = w.shape[0]
     if rows % (2 * n_heads):
         raise ValueError(f"can't unpermute {w.shape}: rows not divisible by 2 * {n_heads} heads")
     d2 = rows // n_heads // 2
     return w.reshape(n_heads, d2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF rotate-halves rows -> llama.cpp interleaved pairs (what its converter does)."""
-    d2 = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, 2, d2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _hf_name(gguf_name: str, family: families.Family) -> str | None:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gralora_jax import families, fileio
+from gralora_jax import families, fileio, quirks
 from gralora_jax.loading.convert import is_floating, match_flax_params, torch_to_flax_params
 from gralora_jax.loading.safetensors_io import INDEX_FILE, SINGLE_FILE, read_safetensors, read_weight_map
 from gralora_jax.tree import flatten, unflatten
@@ -185,6 +185,8 @@ def build_model(config, *, dtype=jnp.float32, param_dtype=None, model_family=Non
                 "its outputs will be wrong. Use gralora_jax.models (use_ours=True) for this checkpoint.",
                 stacklevel=3,
             )
+    if families.is_t5_like(config.model_type):
+        quirks.patch_t5_clip()  # before its first trace: transformers' Flax T5 needs it to build and run
     return cls(config, dtype=dtype, _do_init=False)
 
 

@@ -12,7 +12,6 @@ from gralora_jax.models.generation import generate
 from gralora_jax.models.inputs import check_token_ids
 from gralora_jax.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from gralora_jax.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
-from gralora_jax.models.losses import chunked_cross_entropy
 from gralora_jax.models.layout import stack_layer_params, unstack_layer_params
 from gralora_jax.models.spec import SUPPORTED_MODEL_TYPES, DecoderSpec, spec_from_hf_config
 
@@ -21,7 +20,6 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "auto_model",
     "check_token_ids",
-    "chunked_cross_entropy",
     "from_pretrained",
     "generate",
     "stack_layer_params",

@@ -9,7 +9,7 @@ and optionally parameters (``.params``), and is called like ``FlaxLlamaForCausal
 
 ``model.apply(params, ...)`` is the same thing as a pure function (jit it);
 ``compute_logits=False`` skips the vocabulary projection and returns
-``out.last_hidden_state`` for a chunked loss (:mod:`gralora_jax.models.losses`) with
+``out.last_hidden_state`` for a chunked loss (:mod:`gralora_jax.losses`) with
 ``model.lm_head_kernel(params)``.
 
 Token ids given on the host (numpy, lists) are checked against the vocabulary and an

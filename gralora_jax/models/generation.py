@@ -14,6 +14,10 @@ length limit) to a finished set scored by ``sum_logprob / generated_len ** lengt
 stops a prompt when no running beam can beat its worst finished one, and returns the
 best finished beam.
 
+Models: ours (:class:`~gralora_jax.models.causal_lm.CausalLM`) and transformers' Flax causal
+LMs (:mod:`gralora_jax.models.hf_flax` supplies their cache and call), so every causal LM the
+library loads decodes with this one implementation.
+
 Adapters: the forward pass is ``apply_fn(params, input_ids, attention_mask, position_ids,
 cache, cache_index) -> output`` (default: ``model.apply``) called inside the jitted
 function, optionally within ``apply_wrapper()``, a zero-argument factory of a context
@@ -31,6 +35,7 @@ from typing import Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from gralora_jax.models import hf_flax
 from gralora_jax.models.inputs import check_token_ids
 
 NEG = -1.0e9  # transformers' "impossible" score
@@ -50,13 +55,22 @@ def _eos_hit(tokens, eos_ids):
 
 
 def _gather_cache(cache, rows, batch_axis):
-    return jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=batch_axis), cache)
+    # scalars (transformers' per-layer write positions) are the same for every row
+    return jax.tree_util.tree_map(lambda c: c if c.ndim == 0 else jnp.take(c, rows, axis=batch_axis), cache)
+
+
+def _cache_interface(model):
+    """``(init_cache(B, S), batch axis of the cache arrays, default apply_fn)`` of ``model``."""
+    if hf_flax.is_hf_flax(model):
+        return (lambda b, s: hf_flax.init_cache(model, b, s)), 0, hf_flax.apply_fn(model)
+    return model.init_cache, (1 if model.spec.scan_layers else 0), _default_apply(model)
 
 
 def _build(model, apply_fn, apply_wrapper, B, P, max_new, num_beams, eos_ids, pad_id, length_penalty):
     S = P + max_new
     wrapper = apply_wrapper or contextlib.nullcontext
-    batch_axis = 1 if model.spec.scan_layers else 0
+    init_cache, batch_axis, default_apply = _cache_interface(model)
+    apply_fn = apply_fn or default_apply
 
     def forward(params, ids, kv_valid, pos, cache, index):
         with wrapper():
@@ -67,7 +81,7 @@ def _build(model, apply_fn, apply_wrapper, B, P, max_new, num_beams, eos_ids, pa
         mask = attention_mask.astype(bool)
         kv_valid = jnp.concatenate([mask, jnp.zeros((B, max_new), bool)], axis=1)
         pos = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
-        cache = model.init_cache(B, S)
+        cache = init_cache(B, S)
         logits, cache = forward(params, input_ids, kv_valid, pos, cache, jnp.int32(0))
         if rows is not None:  # beams: copy each prompt's cache num_beams times
             logits, kv_valid = logits[rows], kv_valid[rows]
@@ -182,8 +196,8 @@ def generate(
     """Decode ``max_new_tokens`` after left-padded prompts; returns ``[B, P + max_new_tokens]`` int32 ids.
 
     Args:
-      model: a :class:`~gralora_jax.models.causal_lm.CausalLM` (for ``init_cache``/``spec``, and
-        ``apply`` unless ``apply_fn`` is given).
+      model: a :class:`~gralora_jax.models.causal_lm.CausalLM` or a transformers Flax causal LM
+        (for its cache, and its call unless ``apply_fn`` is given).
       params: the parameter tree (adapter leaves allowed; see ``apply_wrapper``).
       input_ids, attention_mask: ``[B, P]``, left-padded; mask defaults to all ones.
       num_beams: 1 = greedy, else beam search.
@@ -191,7 +205,7 @@ def generate(
       pad_token_id: fills after EOS (default: the first EOS id, else 0).
       length_penalty: beam scores are divided by ``generated_len ** length_penalty``.
       apply_fn: ``(params, input_ids, attention_mask, position_ids, cache, cache_index) -> output``
-        with ``.logits`` and ``.past_key_values``; defaults to ``model.apply``.
+        with ``.logits`` and ``.past_key_values``; defaults to the model's own call.
       apply_wrapper: zero-argument factory of a context manager entered around every forward
         pass inside the traced function (e.g. the GraLoRA interception).
     """
@@ -200,8 +214,9 @@ def generate(
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     spec = getattr(model, "spec", None)
-    if spec is not None:
-        check_token_ids(input_ids, spec.vocab_size)  # host prompts: an out-of-range id raises here
+    vocab = spec.vocab_size if spec is not None else hf_flax.vocab_size(model)
+    if vocab is not None:
+        check_token_ids(input_ids, vocab)  # host prompts: an out-of-range id raises here
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, prompt_len], got shape {input_ids.shape}")
@@ -221,6 +236,6 @@ def generate(
            "default" if apply_fn is None else apply_fn, apply_wrapper)
     compiled = model.__dict__.setdefault("_generate_fns", {})
     if key not in compiled:
-        compiled[key] = _build(model, apply_fn or _default_apply(model), apply_wrapper, B, P, int(max_new_tokens),
+        compiled[key] = _build(model, apply_fn, apply_wrapper, B, P, int(max_new_tokens),
                                int(num_beams), eos_ids, int(pad_token_id), float(length_penalty))
     return compiled[key](params, input_ids, attention_mask)
