@@ -82,10 +82,3 @@ def patch_t5_clip() -> list[str]:
         patched.append(name)
     return patched
 
-
-def is_t5_model(model) -> bool:
-    """True for transformers' Flax T5-family models (by their module or ``config.model_type``)."""
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    from gralora_jax.families import is_t5_like
-
-    return is_t5_like(mt) or type(model).__module__ in T5_MODULES

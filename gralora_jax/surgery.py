@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from gralora_jax import kinds, layers, peft_io, quirks
+from gralora_jax import kinds, layers, peft_io
 from gralora_jax import tree as tree_lib
 from gralora_jax.config import AdapterConfig
 from gralora_jax.models import layout as layout_lib
@@ -484,8 +484,9 @@ def get_gralora_model(
     ``model`` is a transformers Flax model (Llama, Mistral, Gemma, GPT-2, BERT, RoBERTa, T5, ...)
     or one of :mod:`gralora_jax.models`; ``params`` defaults to ``model.params``. With
     ``config.target_modules=None`` the model type's PEFT default is used (``q_proj``/``v_proj``
-    for Llama, ``c_attn`` for GPT-2, ...). For T5 models :func:`gralora_jax.quirks.patch_t5_clip`
-    is applied first. ``block_layout`` (one of :data:`gralora_jax.layers.BLOCK_LAYOUTS`; same
+    for Llama, ``c_attn`` for GPT-2, ...). A transformers Flax T5 must have been built with
+    :func:`gralora_jax.quirks.patch_t5_clip` applied, as :func:`gralora_jax.loading.build_model`
+    does. ``block_layout`` (one of :data:`gralora_jax.layers.BLOCK_LAYOUTS`; same
     function, different memory and speed) is how GraLoRA's block contraction is arranged, see
     :func:`gralora_jax.layers.gralora_blocks`.
     """
@@ -497,8 +498,6 @@ def get_gralora_model(
             raise ValueError("the model holds no params (built with _do_init=False?): pass params=...")
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
-    if quirks.is_t5_model(model):
-        quirks.patch_t5_clip()
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         default = default_target_modules(model_type)

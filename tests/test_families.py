@@ -132,15 +132,21 @@ def test_t5_quirk_patch_is_local_and_idempotent():
     assert jnp.clip is not t5.jnp.clip
 
 
-def test_get_gralora_model_applies_t5_quirk(monkeypatch):
+def test_build_model_applies_t5_quirk(monkeypatch):
+    """``loading.build_model`` patches transformers' Flax T5 where it builds one; surgery does not."""
     from transformers.models.t5 import modeling_flax_t5 as t5
+
+    from gralora_jax.loading import build_model
 
     quirks.patch_t5_clip()
     model = tf.FlaxT5ForConditionalGeneration(FAMILIES["t5"][0](), seed=0)
-
     monkeypatch.setattr(t5, "jnp", jnp)  # as if never patched (restored after the test)
     gm = get_gralora_model(model, GraLoRAConfig(r=4, alpha=8, target_modules=["q"]))
+    assert t5.jnp is jnp  # get_gralora_model leaves third-party modules alone
+
+    built = build_model(FAMILIES["t5"][0](), model_family="seq2seq")
     assert isinstance(t5.jnp, quirks._JnpWithOldClip)
+    assert type(built).__name__ == "FlaxT5ForConditionalGeneration"
     assert gm(jnp.asarray(IDS), decoder_input_ids=jnp.asarray(IDS)).logits.shape == (1, 8, 64)
 
 
