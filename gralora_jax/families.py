@@ -1,31 +1,39 @@
 """The model-family table: everything the library knows about a ``config.model_type``, in one place.
 
 Each :class:`Family` names our Flax model class (when we have one), the PEFT default target
-modules, the tied output head, the GGUF architecture and the transformers-Flax quirks that
-matter to us. Sharding rules stay data in :data:`gralora_jax.sharding.RULES`; this table is
+modules, the tied output head, how its 2-D kernels are stored (``[in, out]`` like ``nn.Dense``,
+or ``[out, in]`` like GPT-2's ``FlaxConv1D``), the GGUF architecture and the transformers-Flax
+quirks that matter to us. Sharding rules stay data in :data:`gralora_jax.sharding.RULES`; this table is
 where a family's rules are looked up (:func:`sharding_rules`), and building it fails at import
-when a family has no rules, so a family without sharding rules cannot exist.
+when a family has no rules (or a kernel layout that is not a tuple of regexes), so a family
+without sharding rules cannot exist.
 
 Everything else (``models.spec.SUPPORTED_MODEL_TYPES``, ``models.auto.MODEL_CLASSES``,
-``targets.DEFAULT_TARGET_MODULES``, ``quirks.is_t5_model``, ``loading.convert.TIED_HEADS``,
-``loading.gguf_io.SUPPORTED_ARCHITECTURES``, the rotary-10000 warning of ``loading.pretrained``)
-is derived from it.
+``targets.DEFAULT_TARGET_MODULES``, ``loading.convert.TIED_HEADS``, the kernel layouts of
+surgery and sharding, ``loading.gguf_io.SUPPORTED_ARCHITECTURES``, the rotary-10000 warning and
+the T5 patch of ``loading.pretrained.build_model``) is derived from it.
 
 >>> family("qwen2").default_targets
 ('q_proj', 'v_proj')
 >>> "gemma2" in OUR_MODEL_TYPES and "bert" not in OUR_MODEL_TYPES
 True
+>>> kernel_layout("gpt2", "transformer/h/0/attn/c_attn"), kernel_layout("gpt2", "lm_head")
+('out_in', 'in_out')
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from typing import Optional
 
 from gralora_jax import sharding as _sharding
 
 _DECODER_TIED = ("lm_head/kernel", "model/embed_tokens/embedding")
+
+# How a 2-D Flax kernel is stored: [in, out] (nn.Dense) or [out, in] (transformers' FlaxConv1D).
+IN_OUT, OUT_IN = "in_out", "out_in"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +44,8 @@ class Family:
     model_class: Optional[str] = None
     # What PEFT targets when ``target_modules`` is None.
     default_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    # Regexes on '/'-joined module paths whose kernels are stored OUT_IN; every other kernel is IN_OUT.
+    out_in_kernels: tuple[str, ...] = ()
     # (head kernel path, embedding path) tied when ``tie_word_embeddings``; None when no tied head.
     tied_head: Optional[tuple[str, str]] = None
     # llama.cpp's ``general.architecture`` for this family's GGUF files, None when we read none.
@@ -65,7 +75,8 @@ _TABLE = (
     _decoder("gemma", "gralora_jax.models.gemma:GemmaForCausalLM", flax_rope_10000=True),
     _decoder("gemma2", "gralora_jax.models.gemma:Gemma2ForCausalLM"),
     _decoder("gemma3_text", "gralora_jax.models.gemma:Gemma3ForCausalLM"),
-    Family("gpt2", default_targets=("c_attn",), tied_head=("lm_head/kernel", "transformer/wte/embedding")),
+    Family("gpt2", default_targets=("c_attn",), tied_head=("lm_head/kernel", "transformer/wte/embedding"),
+           out_in_kernels=(r"(^|/)h/\d+/(attn|crossattention|mlp)/(c_attn|q_attn|c_proj|c_fc)$",)),
     Family("gptj"),
     Family("opt"),
     Family("bart"),
@@ -77,9 +88,27 @@ _TABLE = (
 FAMILIES: dict[str, Family] = {f.model_type: f for f in _TABLE}
 assert len(FAMILIES) == len(_TABLE), "a model_type appears twice in the family table"
 
-_missing = sorted(set(FAMILIES) - set(_sharding.RULES))
-if _missing:
-    raise ImportError(f"gralora_jax.families: no sharding rules in gralora_jax.sharding.RULES for {_missing}")
+
+def _is_regex(pattern) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
+def _check(table, rules) -> None:
+    """At import: every family has sharding rules, and its ``out_in_kernels`` are a tuple of regexes."""
+    missing = sorted({f.model_type for f in table} - set(rules))
+    if missing:
+        raise ImportError(f"gralora_jax.families: no sharding rules in gralora_jax.sharding.RULES for {missing}")
+    for f in table:
+        if not (isinstance(f.out_in_kernels, tuple) and all(map(_is_regex, f.out_in_kernels))):
+            raise ImportError(f"gralora_jax.families: {f.model_type!r}: out_in_kernels must be a tuple of regexes, "
+                              f"got {f.out_in_kernels!r}")
+
+
+_check(_TABLE, _sharding.RULES)
 
 # transformers' T5-family model types that are not in the table (no rules, no targets) but share its quirks.
 _T5_EXTRA = ("longt5", "umt5")
@@ -96,6 +125,18 @@ def family(model_type: Optional[str]) -> Optional[Family]:
 def sharding_rules(model_type: Optional[str]) -> Optional[list]:
     """The sharding rules of ``model_type`` (None when the family is unknown)."""
     return _sharding.RULES[model_type] if model_type in FAMILIES else None
+
+
+def out_in_kernels(model_type: Optional[str]) -> tuple[str, ...]:
+    """Regexes on the module paths of ``model_type`` whose kernels are stored OUT_IN (() when unknown)."""
+    fam = FAMILIES.get(model_type)
+    return () if fam is None else fam.out_in_kernels
+
+
+def kernel_layout(model_type: Optional[str], module_path: str) -> str:
+    """How the 2-D kernel of ``module_path`` is stored in ``model_type``'s tree: OUT_IN or IN_OUT
+    (IN_OUT for unknown families and for scanned ``[L, in, out]`` kernels)."""
+    return OUT_IN if any(re.search(p, module_path) for p in out_in_kernels(model_type)) else IN_OUT
 
 
 def model_class(model_type: Optional[str]):

@@ -50,7 +50,7 @@ _F = "fsdp"
 _M = "model"
 
 
-def _family(column=(), row=(), embeddings=(), heads=(), *, out_in: bool = False) -> list[tuple[str, P]]:
+def _family(column=(), row=(), embeddings=(), heads=()) -> list[tuple[str, P]]:
     """One architecture's rules from module-path regexes (Megatron-style tensor parallelism over
     ``model``, weights also split over ``fsdp``):
 
@@ -59,9 +59,10 @@ def _family(column=(), row=(), embeddings=(), heads=(), *, out_in: bool = False)
     * ``embeddings`` ``[vocab, hidden]``: vocab over ``model``;
     * ``heads`` ``[hidden, vocab]`` (untied output projections): vocab over ``model``.
 
-    The other kernel axis goes over ``fsdp``. ``out_in``: kernels stored ``[out, in]`` (GPT-2).
+    The other kernel axis goes over ``fsdp``. Specs are written for ``[in, out]`` kernels; a kernel
+    the family table stores ``[out, in]`` (GPT-2) gets its spec reversed (:func:`param_partition_specs`).
     """
-    col, rw = (P(_M, _F), P(_F, _M)) if out_in else (P(_F, _M), P(_M, _F))
+    col, rw = P(_F, _M), P(_M, _F)
     rules = [(rf"(^|/){m}/kernel$", col) for m in column]
     rules += [(rf"(^|/){m}/bias$", P(_M)) for m in column]
     rules += [(rf"(^|/){m}/kernel$", rw) for m in row]
@@ -85,7 +86,7 @@ _T5_RULES = _family(column=[r"(SelfAttention|EncDecAttention)/(q|k|v)", r"DenseR
 RULES: dict[str, list[tuple[str, P]]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), _DECODER_RULES),
     "gpt2": _family(column=[r"h/\d+/attn/c_attn", r"h/\d+/mlp/c_fc"], row=[r"h/\d+/attn/c_proj", r"h/\d+/mlp/c_proj"],
-                    embeddings=["wte"], out_in=True),
+                    embeddings=["wte"]),
     "gptj": _family(column=[r"attn/(q|k|v)_proj", r"mlp/fc_in"], row=[r"attn/out_proj", r"mlp/fc_out"],
                     embeddings=["wte"], heads=["lm_head"]),
     "opt": _family(column=[r"self_attn/(q|k|v)_proj", "fc1"], row=[r"self_attn/out_proj", "fc2"],
@@ -95,12 +96,6 @@ RULES: dict[str, list[tuple[str, P]]] = {
     **dict.fromkeys(("bert", "roberta", "electra"), _BERT_RULES),
     **dict.fromkeys(("t5", "mt5"), _T5_RULES),
 }
-
-# Kernels stored [out, in] (so an adapter's in/out shardings swap), per architecture.
-OUT_IN_KERNELS: dict[str, list[str]] = {
-    "gpt2": [r"(^|/)h/\d+/(attn|mlp)/c_\w+/kernel$"],
-}
-
 
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """A :class:`jax.sharding.Mesh` for ``spec`` over ``devices`` (default: all devices).
@@ -157,10 +152,13 @@ def fit_spec(spec: Sequence[Any], shape: Sequence[int], mesh: Mesh) -> P:
     return P(*out)
 
 
-def _resolve_rules(rules, mesh: Mesh) -> tuple[list[tuple[str, P]], list[str]]:
+def _resolve_rules(rules, mesh: Mesh) -> tuple[list[tuple[str, P]], tuple[str, ...]]:
+    """``(rules, regexes of the module paths whose kernels are stored [out, in])``."""
     if rules is None or isinstance(rules, str):
         if rules in RULES:
-            return RULES[rules], OUT_IN_KERNELS.get(rules, [])
+            from gralora_jax import families  # the family table imports this module
+
+            return RULES[rules], families.out_in_kernels(rules)
         split = {a: mesh.shape[a] for a in ("fsdp", "model") if mesh.shape.get(a, 1) > 1}
         if split:
             raise ValueError(
@@ -168,8 +166,8 @@ def _resolve_rules(rules, mesh: Mesh) -> tuple[list[tuple[str, P]], list[str]]:
                 f"mesh's {' and '.join(f'{a} axis ({n})' for a, n in split.items())} would leave every parameter "
                 f"replicated. Use a data-parallel mesh ('{mesh.devices.size}x1') or add rules to gralora_jax.sharding.RULES"
             )
-        return [], []  # data parallel only: replicating every parameter is the plan anyway
-    return list(rules), []
+        return [], ()  # data parallel only: replicating every parameter is the plan anyway
+    return list(rules), ()
 
 
 def _is_batch_axis(entry) -> bool:
@@ -187,8 +185,10 @@ def _adapter_spec(name: str, shape, s_in, s_out, mesh: Mesh) -> P:
 def param_partition_specs(params: Mapping[str, Any], rules, mesh: Mesh, *, out_in_kernels=()) -> dict:
     """Tree of :class:`PartitionSpec` for ``params`` (arrays or shape structs).
 
-    ``rules`` is a model type (key of :data:`RULES`) or a list of ``(regex, spec)``;
-    ``out_in_kernels`` adds regexes of kernels stored ``[out, in]``. A model type without rules
+    ``rules`` is a model type (key of :data:`RULES`) or a list of ``(regex, spec)``, specs written
+    for ``[in, out]`` kernels. A kernel stored ``[out, in]`` (its module path matches the family
+    table's ``out_in_kernels``, or a regex of ``out_in_kernels`` here) gets its spec reversed,
+    and its adapters take their in/out entries accordingly. A model type without rules
     (or None) replicates everything on a data-parallel mesh and raises ``ValueError`` when the
     mesh has a ``model`` or ``fsdp`` axis larger than 1.
     """
@@ -197,10 +197,13 @@ def param_partition_specs(params: Mapping[str, Any], rules, mesh: Mesh, *, out_i
     compiled = [(re.compile(r), spec) for r, spec in rule_list]
     flat = tree_lib.flatten(params)
 
+    def stored_out_in(kpath):
+        return kpath.endswith("/kernel") and any(rx.search(kpath[: -len("/kernel")]) for rx in out_in)
+
     def base_spec(path, leaf):
         for rx, spec in compiled:
             if rx.search(path):
-                return fit_spec(tuple(spec), np.shape(leaf), mesh)
+                return fit_spec(tuple(spec)[::-1] if stored_out_in(path) else tuple(spec), np.shape(leaf), mesh)
         return P(*([None] * len(np.shape(leaf))))
 
     specs = {p: base_spec(p, v) for p, v in flat.items() if not tree_lib.is_adapter_path(p)}
@@ -212,7 +215,7 @@ def param_partition_specs(params: Mapping[str, Any], rules, mesh: Mesh, *, out_i
         s_in = s_out = None
         if kspec is not None and len(kspec) >= 2:
             s_in, s_out = kspec[-2], kspec[-1]
-            if any(rx.search(kpath) for rx in out_in):
+            if stored_out_in(kpath):
                 s_in, s_out = s_out, s_in
         specs[p] = _adapter_spec(tree_lib.leaf_name(p), np.shape(v), s_in, s_out, mesh)
     return tree_lib.unflatten({p: specs[p] for p in flat})

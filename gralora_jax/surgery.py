@@ -9,6 +9,9 @@ Two steps, neither of which edits the model's source:
        before: model/layers/0/self_attn/q_proj/{kernel}
        after:  model/layers/0/self_attn/q_proj/{kernel, gralora_A, gralora_B}
 
+   A kernel is ``[in, out]`` (``nn.Dense``) unless the family table says the model type stores
+   it ``[out, in]`` (GPT-2's ``FlaxConv1D``, :func:`gralora_jax.families.kernel_layout`).
+
 2. **Route calls.** While the model runs, ``flax.linen.intercept_methods`` sees every
    ``nn.Dense`` (and transformers' ``FlaxConv1D``) call; when the called module's own params
    hold adapter leaves, the interceptor adds :func:`gralora_jax.layers.adapter_output` to the
@@ -39,7 +42,6 @@ import dataclasses
 import hashlib
 import inspect
 import os
-import warnings
 from typing import Any, Callable, Mapping, Optional, Union
 
 import jax
@@ -47,45 +49,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from gralora_jax import kinds, layers, peft_io
+from gralora_jax import families, kinds, layers, peft_io
 from gralora_jax import tree as tree_lib
 from gralora_jax.config import AdapterConfig
+from gralora_jax.families import IN_OUT, OUT_IN
 from gralora_jax.models import layout as layout_lib
 from gralora_jax.targets import default_target_modules, select_targets
 
-IN_OUT, OUT_IN = "in_out", "out_in"
-_CONV1D_CLASS_NAMES = ("FlaxConv1D",)  # transformers' GPT-2 projection: kernel stored [out, in]
+_CONV1D_CLASS_NAMES = ("FlaxConv1D",)  # transformers' GPT-2 projection, kernel stored [out, in]
 
 
 def _unfreeze(params) -> dict:
     return tree_lib.unflatten(tree_lib.flatten(params))
-
-
-def _kernel_layouts(model, params) -> dict[str, str]:
-    """Module path -> kernel layout, found by tracing the model once with a recording interceptor."""
-    seen: dict[str, str] = {}
-
-    def record(next_fun, args, kwargs, context):
-        m = context.module
-        if context.method_name == "__call__" and (
-            isinstance(m, nn.Dense) or type(m).__name__ in _CONV1D_CLASS_NAMES
-        ):
-            seen["/".join(m.scope.path)] = OUT_IN if type(m).__name__ in _CONV1D_CLASS_NAMES else IN_OUT
-        return next_fun(*args, **kwargs)
-
-    try:
-        with nn.intercept_methods(record):
-            if hasattr(model, "init_weights") and hasattr(model, "input_shape"):
-                jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
-            elif hasattr(model, "init_params"):
-                jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0)))
-    except Exception as e:  # noqa: BLE001 - tracing is only a hint; unknown modules count as nn.Dense
-        warnings.warn(
-            f"could not trace {type(model).__name__} to find kernel layouts ({type(e).__name__}: {e}); "
-            "assuming every kernel is [in, out] (nn.Dense)",
-            stacklevel=3,
-        )
-    return seen
 
 
 def _linear_modules(params) -> dict[str, tuple[int, ...]]:
@@ -233,8 +208,11 @@ class _Visits:
 
 
 def _interceptor(config: AdapterConfig, train: bool, block_layout: str = layers.DEFAULT_BLOCK_LAYOUT,
-                 visits: Optional[_Visits] = None) -> Callable:
+                 visits: Optional[_Visits] = None, layouts: Optional[Mapping[str, str]] = None) -> Callable:
+    """The interceptor adding adapters to Dense calls; ``layouts`` (module path -> kernel layout) is
+    checked against the called module's class, so a family-table entry that is wrong raises."""
     visits = _Visits() if visits is None else visits
+    layouts = layouts or {}
     kind = kinds.kind_of(config)
     scaling, dropout_rate = config.scaling, config.dropout
 
@@ -247,11 +225,15 @@ def _interceptor(config: AdapterConfig, train: bool, block_layout: str = layers.
         names = [n for n in kind.leaves if m.has_variable("params", n)]
         if not names:
             return next_fun(*args, **kwargs)
-        if not (isinstance(m, nn.Dense) or type(m).__name__ in _CONV1D_CLASS_NAMES):
+        path, conv1d = "/".join(m.scope.path), type(m).__name__ in _CONV1D_CLASS_NAMES
+        if not (isinstance(m, nn.Dense) or conv1d):
             raise TypeError(
-                f"module {'/'.join(m.scope.path)} of type {type(m).__name__} holds adapter leaves but only "
+                f"module {path} of type {type(m).__name__} holds adapter leaves but only "
                 "nn.Dense and FlaxConv1D can be adapted"
             )
+        if conv1d != (layouts.get(path, IN_OUT) == OUT_IN):
+            raise TypeError(f"module {path} is a {type(m).__name__} but its kernel layout is taken as "
+                            f"{layouts.get(path, IN_OUT)!r}: fix out_in_kernels in gralora_jax.families")
         y = next_fun(*args, **kwargs)
         visits.applied(m)
         adapter = {n: m.get_variable("params", n) for n in names}
@@ -300,7 +282,7 @@ class GraLoRAModel:
         module holding adapter leaves was not called through the interceptor; ``may_skip``
         names module paths allowed to stay unvisited."""
         visits = _Visits(may_skip) if _visits is None else _visits
-        with nn.intercept_methods(_interceptor(self.config, train, self.block_layout, visits)):
+        with nn.intercept_methods(_interceptor(self.config, train, self.block_layout, visits, self.layouts)):
             yield
 
     def __call__(self, *args, params=None, dropout_rng=None, train: bool = False, **kwargs):
@@ -498,11 +480,11 @@ def get_gralora_model(
             raise ValueError("the model holds no params (built with _do_init=False?): pass params=...")
     if isinstance(params, Mapping) and set(params) == {"params"}:
         params = params["params"]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if config.target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         default = default_target_modules(model_type)
         if default is not None:  # PEFT's per-architecture default
             config = dataclasses.replace(config, target_modules=default)
-    layouts = _kernel_layouts(model, params)
+    layouts = {path: families.kernel_layout(model_type, path) for path in _linear_modules(params)}
     new, _ = add_adapters(params, config, jax.random.PRNGKey(0) if rng is None else rng, layouts=layouts, adapter_dtype=adapter_dtype)
     return GraLoRAModel(model, config, new, layouts, block_layout=block_layout)

@@ -33,3 +33,80 @@ def test_unknown_family_is_one_clear_error():
     cfg = type("C", (), {"model_type": "bert"})()
     with pytest.raises(ValueError, match="unsupported model_type 'bert'"):
         spec_from_hf_config(cfg)
+
+
+# ----------------------------------------------------------------------------- kernel layouts
+
+
+def test_import_check_refuses_a_family_without_rules_or_with_bad_kernel_layouts():
+    ok = families.Family("x", out_in_kernels=(r"(^|/)c_\w+$",))
+    families._check((ok,), {"x": []})
+    with pytest.raises(ImportError, match=r"no sharding rules .* \['x'\]"):
+        families._check((ok,), {})
+    for bad in (("(unclosed",), r"c_\w+", (3,)):
+        with pytest.raises(ImportError, match="'x': out_in_kernels must be a tuple of regexes"):
+            families._check((families.Family("x", out_in_kernels=bad),), {"x": []})
+
+
+def _tiny_gpt2(**kw):
+    import transformers as tf
+
+    cfg = tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, **kw)
+    return tf.FlaxGPT2LMHeadModel(cfg, seed=0)
+
+
+def _stored_layouts(model) -> dict:
+    """Module path -> the layout its class stores, found by tracing the model's init (the oracle)."""
+    import jax
+    from flax import linen as nn
+
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name == "__call__" and m.scope is not None and m.scope.path:
+            if type(m).__name__ == "FlaxConv1D":
+                seen["/".join(m.scope.path)] = families.OUT_IN
+            elif isinstance(m, nn.Dense):
+                seen["/".join(m.scope.path)] = families.IN_OUT
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
+    return seen
+
+
+def test_table_kernel_layouts_match_gpt2s_module_classes():
+    """Every FlaxConv1D of GPT-2 (self- and cross-attention, MLP) is OUT_IN in the table and every
+    nn.Dense (the untied lm_head) IN_OUT."""
+    stored = _stored_layouts(_tiny_gpt2(add_cross_attention=True, tie_word_embeddings=False))
+    assert {"transformer/h/0/crossattention/q_attn", "lm_head"} <= set(stored)
+    assert families.OUT_IN in stored.values() and families.IN_OUT in stored.values()
+    assert {p: families.kernel_layout("gpt2", p) for p in stored} == stored
+
+
+def test_layouts_are_asked_of_the_table(monkeypatch):
+    """Surgery, sharding and the interceptor all follow the family entry: with GPT-2's entry
+    changed to say [in, out], surgery and sharding change and running the adapted model raises."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from gralora_jax import GraLoRAConfig, get_gralora_model, tree
+    from gralora_jax.sharding import make_mesh, param_partition_specs
+
+    model = _tiny_gpt2()
+    config = GraLoRAConfig(r=4, alpha=8, gralora_k=2, target_modules=["c_attn"])
+    path = "transformer/h/0/attn/c_attn"
+    gm = get_gralora_model(model, config)
+    specs = tree.flatten(param_partition_specs(gm.params, "gpt2", make_mesh("4x2")))
+    assert gm.layouts[path] == families.OUT_IN and specs[path + "/kernel"] == P("model", None)
+
+    monkeypatch.setitem(families.FAMILIES, "gpt2", dataclasses.replace(families.FAMILIES["gpt2"], out_in_kernels=()))
+    specs = tree.flatten(param_partition_specs(gm.params, "gpt2", make_mesh("4x2")))
+    assert specs[path + "/kernel"] == P(None, "model")
+    wrong = get_gralora_model(model, config)
+    assert wrong.layouts[path] == families.IN_OUT
+    with pytest.raises(TypeError, match="FlaxConv1D but its kernel layout is taken as 'in_out'"):
+        wrong(jnp.ones((1, 8), jnp.int32))
