@@ -23,6 +23,7 @@ Steps, each a small function below:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -34,6 +35,7 @@ import numpy as np
 from gralora_jax import families, fileio, quirks
 from gralora_jax.loading.convert import is_floating, match_flax_params, torch_to_flax_params
 from gralora_jax.loading.safetensors_io import INDEX_FILE, SINGLE_FILE, read_safetensors, read_weight_map
+from gralora_jax.models.layout import is_scanned, stack_layer_params, unstack_layer_params
 from gralora_jax.tree import flatten, unflatten
 
 FLAX_FILE = "flax_model.msgpack"
@@ -201,6 +203,45 @@ def param_shapes(model) -> dict:
     return dict(tree["params"]) if set(tree) == {"params"} else tree
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What every loader starts from: the source found, its config read, its model built."""
+
+    source: str  # a local checkpoint directory or .gguf file (hub ids already downloaded)
+    config: Any  # the transformers config read from it
+    model: Any  # the model built from the config by build_model (uninitialised)
+    shapes: dict  # the unrolled parameter shapes the checkpoint's weights are mapped onto
+    scanned: bool  # the model holds its layers stacked (model/layers/scan): loaded weights must be stacked
+
+
+def prepare(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None, model_family=None,
+            use_ours=None, revision: str | None = None, model_options=None) -> Prepared:
+    """Resolve ``path_or_hub_id``, read its config and build its model with :func:`build_model`
+    (arguments as in :func:`load_pretrained`); the one way the loaders build a model."""
+    source = resolve_source(path_or_hub_id, revision)
+    config = load_config(source)
+    model = build_model(config, dtype=dtype, param_dtype=param_dtype or dtype, model_family=model_family,
+                        use_ours=use_ours, model_options=model_options)
+    shapes = param_shapes(model)
+    scanned = is_scanned(shapes)
+    return Prepared(source, config, model, jax.eval_shape(unstack_layer_params, shapes) if scanned else shapes, scanned)
+
+
+def read_weights(prepared: Prepared, *, strict: bool = True) -> dict:
+    """The checkpoint's weights mapped onto ``prepared.shapes`` (unrolled; checkpoint dtypes)."""
+    tie = getattr(prepared.config, "tie_word_embeddings", False)
+    return load_params(prepared.source, prepared.shapes, tie_word_embeddings=tie, strict=strict)
+
+
+def attach_params(model, params) -> None:
+    """Keep ``params`` on our models too (``model.params``), as transformers' Flax models do not."""
+    if not hasattr(model, "_do_init"):
+        try:
+            model.params = params
+        except (AttributeError, ValueError):
+            pass
+
+
 # ---------------------------------------------------------------------------------------------- weights
 def read_flax_msgpack(path: str) -> dict:
     """HF Flax weights (``flax_model.msgpack`` or its sharded index) -> nested dict of numpy arrays."""
@@ -288,33 +329,19 @@ def load_pretrained(
 
     Returns ``(model, params)`` with ``model(input_ids, params=params).logits``.
     """
-    src = resolve_source(path_or_hub_id, revision)
-    config = load_config(src)
     param_dtype = param_dtype or dtype
-    options = dict(model_options or {})
-    scan = bool(options.pop("scan_layers", False))
-    model = build_model(config, dtype=dtype, param_dtype=param_dtype, model_family=model_family, use_ours=use_ours,
-                        model_options={**options, "scan_layers": False} if model_options else None)
-    shapes = param_shapes(model)
-    params = load_params(src, shapes, tie_word_embeddings=getattr(config, "tie_word_embeddings", False), strict=strict)
+    prepared = prepare(path_or_hub_id, dtype=dtype, param_dtype=param_dtype, model_family=model_family,
+                       use_ours=use_ours, revision=revision, model_options=model_options)
 
     def cast(x):
         x = np.asarray(x).astype(param_dtype) if is_floating(x) else np.asarray(x)
         return x if as_numpy else jnp.asarray(x)
 
-    params = jax.tree_util.tree_map(cast, params)
-    if scan:
-        from gralora_jax.models.layout import stack_layer_params
-
+    params = jax.tree_util.tree_map(cast, read_weights(prepared, strict=strict))
+    if prepared.scanned:
         params = stack_layer_params(params)
-        model = build_model(config, dtype=dtype, param_dtype=param_dtype, use_ours=True,
-                            model_options={**options, "scan_layers": True})
-    if not hasattr(model, "_do_init"):  # ours (not a transformers Flax model): also keep them on the model
-        try:
-            model.params = params
-        except (AttributeError, ValueError):
-            pass
-    return model, params
+    attach_params(prepared.model, params)
+    return prepared.model, params
 
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike, *, revision: str | None = None):

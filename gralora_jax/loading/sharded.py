@@ -13,6 +13,8 @@ leaf once per host, not once per device). There is one placed copy of the base, 
 HF Flax ``.msgpack`` and GGUF checkpoints have no such lazy form: they are read whole on each
 host, then placed shard by shard the same way.
 
+The model is built as :func:`~gralora_jax.loading.pretrained.load_pretrained` builds it (one
+:func:`~gralora_jax.loading.pretrained.prepare` step: source, config, ``build_model``).
 ``model_options`` (``scan_layers``, ``remat_policy``, ``attn_implementation``: see
 :mod:`gralora_jax.models`) build our model with those options; with ``scan_layers`` the
 per-layer tensors are presented as one stacked ``[L, ...]`` leaf per parameter
@@ -36,7 +38,7 @@ from jax.sharding import Mesh
 
 from gralora_jax import families
 from gralora_jax.loading.convert import is_floating
-from gralora_jax.loading.pretrained import build_model, load_config, load_params, param_shapes, resolve_source
+from gralora_jax.loading.pretrained import attach_params, prepare, read_weights
 from gralora_jax.tree import flatten, unflatten
 
 
@@ -120,30 +122,20 @@ def load_pretrained_sharded(
     """
     from gralora_jax import sharding as sharding_lib
 
-    src = resolve_source(path_or_hub_id, revision)
-    config = load_config(src)
     param_dtype = param_dtype or dtype
-    model = build_model(config, dtype=dtype, param_dtype=param_dtype, use_ours=use_ours)
-    shapes = param_shapes(model)  # the unrolled layout the checkpoint maps onto
-    views = load_params(src, shapes, tie_word_embeddings=getattr(config, "tie_word_embeddings", False), strict=strict)
-    if model_options:
-        from gralora_jax.models import auto_model
-
-        model = auto_model(config, dtype=dtype, param_dtype=param_dtype, **model_options)
-        if model_options.get("scan_layers"):
-            views = _stack_layers(views)
+    prepared = prepare(path_or_hub_id, dtype=dtype, param_dtype=param_dtype, use_ours=use_ours, revision=revision,
+                       model_options=model_options)
+    views = read_weights(prepared, strict=strict)  # memory maps in the unrolled layout
+    if prepared.scanned:
+        views = _stack_layers(views)
     if specs is None:
         if rules is None:
-            model_type = getattr(config, "model_type", "default")
+            model_type = getattr(prepared.config, "model_type", "default")
             rules = model_type if families.sharding_rules(model_type) is not None else "default"
         specs = sharding_lib.param_partition_specs(views, rules, mesh)
     flat_specs = flatten(specs)
     flat = {p: place_host_leaf(v, jax.sharding.NamedSharding(mesh, flat_specs[p]), param_dtype)
             for p, v in flatten(views).items()}
     params = unflatten(flat)
-    if not hasattr(model, "_do_init"):  # ours: also keep them on the model, as load_pretrained does
-        try:
-            model.params = params
-        except (AttributeError, ValueError):
-            pass
-    return model, params
+    attach_params(prepared.model, params)
+    return prepared.model, params
