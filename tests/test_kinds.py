@@ -108,6 +108,54 @@ def test_registry_check_refuses_inconsistent_kinds():
         kinds._check({"lora": lora, "twin": twin})
 
 
+# ----------------------------------------------------------------------------- discovery
+
+_KIND_FILE = """import dataclasses
+from gralora_jax.kinds import lora
+KIND = dataclasses.replace(lora.KIND, name={name!r}, order={order}, selects=lambda get: bool(get("use_{name}", False)))
+"""
+
+
+def _kind_package(root, name, files):
+    pkg = root / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for module, text in files.items():
+        (pkg / f"{module}.py").write_text(text)
+    return str(pkg)
+
+
+def test_the_package_registers_its_modules_by_order():
+    assert kinds._kind_modules(kinds.__path__) == ["gralora", "lora", "rslora"]
+    assert [k.order for k in KINDS.values()] == sorted(k.order for k in KINDS.values())
+
+
+def test_a_kind_module_dropped_into_a_package_is_discovered(tmp_path, monkeypatch):
+    """A new file is all a kind needs: found without being listed, registered by ``order`` (not by
+    file name); ``base``, private and test modules are never imported as kinds."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    never = "raise RuntimeError('not a kind module')\n"
+    path = _kind_package(tmp_path, "kinds_ext", {
+        "alpha": _KIND_FILE.format(name="alpha", order=70), "zeta": _KIND_FILE.format(name="zeta", order=60),
+        "base": never, "_shared": never, "alpha_test": never})
+    found = kinds._load("kinds_ext", [path])
+    assert list(found) == ["zeta", "alpha"]
+    kinds._check({**KINDS, **found})  # LoRA's leaves, agreeing with LoRA: a consistent registry
+    assert kinds._pick([KINDS["lora"], found["zeta"]], {"use_zeta": True}.get) is found["zeta"]
+
+
+@pytest.mark.parametrize("package, files, error", [
+    ("kinds_no_kind", {"empty": "X = 1\n"}, "kinds_no_kind.empty is a kind module but defines no KIND"),
+    ("kinds_same_order", {"one": _KIND_FILE.format(name="one", order=5), "two": _KIND_FILE.format(name="two", order=5)},
+     "'one' and 'two' share a name or an order"),
+])
+def test_discovery_refuses_a_module_without_kind_or_a_shared_order(tmp_path, monkeypatch, package, files, error):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _kind_package(tmp_path, package, files)
+    with pytest.raises((ImportError, ValueError), match=error):
+        kinds._load(package, [path])
+
+
 # ----------------------------------------------------------------------------- rsLoRA
 
 

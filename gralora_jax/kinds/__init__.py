@@ -4,28 +4,35 @@ A kind (GraLoRA, LoRA, rsLoRA) is everything that differs between adapters, held
 :class:`~gralora_jax.kinds.base.AdapterKind` in its own module: the config class that selects
 it, its leaf names, its init (one function, drawn on the host by surgery and from a jax key by
 the Flax layers), its output and weight delta, its scale (read as ``config.scaling``), its PEFT
-key names and which are stored transposed, and its partition-spec rule. :data:`KINDS` is the
-table; config reading (:func:`gralora_jax.config.config_from_peft_dict`), surgery, the tree
-masks, the train mask, sharding and PEFT I/O ask it, never ``isinstance`` or a leaf-name branch.
+key names and which are stored transposed, its partition-spec rule, and its ``order`` among the
+kinds (the first kind holding a leaf owns it). :data:`KINDS` is the table; config reading
+(:func:`gralora_jax.config.config_from_peft_dict`), surgery, the tree masks, the train mask,
+sharding and PEFT I/O ask it, never ``isinstance`` or a leaf-name branch.
 
 >>> from gralora_jax.config import LoRAConfig
 >>> [k for k in KINDS]
+['gralora', 'lora', 'rslora']
+>>> _kind_modules(__path__)  # the modules found in this package (registered by order, not by name)
 ['gralora', 'lora', 'rslora']
 >>> kind_of(LoRAConfig(r=4, lora_alpha=8, use_rslora=True)).name, LoRAConfig(r=4, lora_alpha=8, use_rslora=True).scaling
 ('rslora', 4.0)
 >>> kind_for_peft_dict({"peft_type": "LORA", "r": 4}).name
 'lora'
 
-Adding a kind: write ``gralora_jax/kinds/<name>.py`` defining ``KIND = AdapterKind(...)`` (or
-``dataclasses.replace`` of a kind it varies, as :mod:`~gralora_jax.kinds.rslora` does), add the
-module to ``_MODULES`` below, and test it (``tests/test_kinds.py`` checks every registered kind
-for completeness, host/jax init agreement and a PEFT round trip). A kind that shares its config
-class and ``peft_type`` with another sets ``selects``, a predicate on the config's fields.
+Adding a kind is one new file plus tests: write ``gralora_jax/kinds/<name>.py`` defining
+``KIND = AdapterKind(...)`` (or ``dataclasses.replace`` of a kind it varies, as
+:mod:`~gralora_jax.kinds.rslora` does) with an unused ``order``. Every public module of this
+package but ``base`` is a kind module, found at import (:func:`_load`) and registered by
+``order``, so nothing else lists it. Then test it (``tests/test_kinds.py`` checks every
+registered kind for completeness, host/jax init agreement and a PEFT round trip). A kind that
+shares its config class and ``peft_type`` with another sets ``selects``, a predicate on the
+config's fields.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any, Mapping
 
 import numpy as np
@@ -35,15 +42,29 @@ from gralora_jax.kinds.base import AdapterKind, MeshAxes, host_uniform, key_unif
 __all__ = ["AdapterKind", "MeshAxes", "KINDS", "ADAPTER_LEAVES", "PEFT_KEYS", "BIAS_CHOICES", "BIAS_ONLY",
            "kind_of", "kind_for_peft_dict", "kind_of_adapter", "kind_of_leaf", "init_on_host", "init_from_key"]
 
-_MODULES = ("gralora", "lora", "rslora")  # registration order: the first kind holding a leaf owns it
+_NOT_KINDS = ("base",)  # modules of the package that define no kind
 
 
-def _load() -> dict[str, AdapterKind]:
-    kinds = {}
-    for m in _MODULES:
-        kind = importlib.import_module(f"{__name__}.{m}").KIND
-        if kind.name in kinds:
-            raise ValueError(f"two adapter kinds are named {kind.name!r}")
+def _kind_modules(path) -> list[str]:
+    """The kind modules under ``path`` (a package's ``__path__``): every module but ``base``,
+    private (``_x``) and test (``x_test``) ones, by name."""
+    return sorted(m.name for m in pkgutil.iter_modules(path)
+                  if not (m.ispkg or m.name in _NOT_KINDS or m.name.startswith("_") or m.name.endswith("_test")))
+
+
+def _load(package: str = __name__, path=__path__) -> dict[str, AdapterKind]:
+    """Import every kind module of ``package`` and register its ``KIND``, lowest ``order`` first."""
+    found = []
+    for name in _kind_modules(path):
+        kind = getattr(importlib.import_module(f"{package}.{name}"), "KIND", None)
+        if not isinstance(kind, AdapterKind):
+            raise ImportError(f"{package}.{name} is a kind module but defines no KIND = AdapterKind(...)")
+        found.append(kind)
+    kinds: dict[str, AdapterKind] = {}
+    for kind in sorted(found, key=lambda k: k.order):
+        clash = next((k for k in kinds.values() if kind.order == k.order or kind.name == k.name), None)
+        if clash is not None:
+            raise ValueError(f"adapter kinds {clash.name!r} and {kind.name!r} share a name or an order ({kind.order})")
         kinds[kind.name] = kind
     return kinds
 
@@ -110,7 +131,7 @@ def kind_for_peft_dict(d: Mapping[str, Any]) -> AdapterKind:
 
 
 def kind_of_leaf(leaf: str) -> AdapterKind:
-    """The first registered kind holding ``leaf`` (kinds sharing a leaf agree on it, see ``_check``)."""
+    """The first registered kind (lowest ``order``) holding ``leaf`` (kinds sharing a leaf agree on it, see ``_check``)."""
     for kind in KINDS.values():
         if leaf in kind.leaves:
             return kind

@@ -35,6 +35,7 @@ class AdapterKind:
     """Everything that differs between adapter kinds; one instance per kind module (``KIND``)."""
 
     name: str  # registry key and the name in messages: "gralora", "lora", "rslora"
+    order: int  # registration order, lowest first and unique: the first kind holding a leaf owns it
     peft_type: str  # PEFT's ``peft_type`` in adapter_config.json
     config_class: type  # the frozen config dataclass (several kinds may share one)
     # field getter ``get(name, default)`` of a config or adapter_config.json dict -> True when this

@@ -78,6 +78,7 @@ def partition_spec(leaf: str, shape: tuple, s_in, s_out, axes) -> tuple:
 
 KIND = AdapterKind(
     name="gralora",
+    order=10,
     peft_type="GRALORA",
     config_class=GraLoRAConfig,
     selects=None,

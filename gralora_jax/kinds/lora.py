@@ -52,6 +52,7 @@ def partition_spec(leaf: str, shape: tuple, s_in, s_out, axes) -> tuple:
 
 KIND = AdapterKind(
     name="lora",
+    order=20,
     peft_type="LORA",
     config_class=LoRAConfig,
     selects=None,

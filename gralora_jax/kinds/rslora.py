@@ -23,6 +23,7 @@ def scaling(config: LoRAConfig) -> float:
 KIND = dataclasses.replace(
     lora.KIND,
     name="rslora",
+    order=30,  # after LoRA, whose leaves it shares
     selects=lambda get: bool(get("use_rslora", False)),
     scaling=scaling,
 )
