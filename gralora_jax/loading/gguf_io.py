@@ -2,7 +2,7 @@
 
 GGUF stores llama.cpp's own tensor names (``blk.3.attn_q.weight``), possibly
 quantised (Q8_0, Q4_1, ...). We dequantise every tensor with ``gguf.quants.dequantize``
-to float and rename it to the transformers ``LlamaForCausalLM`` key, so the rest of
+to float and rename it to the transformers key (``LlamaForCausalLM``'s names), so the rest of
 the loading path is the ordinary safetensors one (:func:`torch_to_flax_params`).
 
 One real transform is needed: llama.cpp's converter reorders the rows of the q and
@@ -21,7 +21,9 @@ the attention scale) is filled in by that architecture's entry of :data:`_ARCH_C
 tensor the config implies must be present with the implied shape, or loading fails naming the
 file and the tensor. The tokenizer is
 transformers' GGUF tokenizer conversion (``AutoTokenizer.from_pretrained(dir,
-gguf_file=name, trust_remote_code=False)``), which reads the metadata only (no torch).
+gguf_file=name, trust_remote_code=False)``), which reads the metadata only (no torch); where it
+builds a Unigram model from a SentencePiece ("llama") vocabulary (Gemma), the model is rebuilt to
+merge by score as llama.cpp does (:func:`_spm_merge_model`).
 """
 
 from __future__ import annotations
@@ -233,15 +235,62 @@ def load_gguf_config(path: str | os.PathLike):
                              path)
 
 
+def _spm_merge_model(reader, unk_id):
+    """llama.cpp's SentencePiece tokenisation (``tokenizer.ggml.model == "llama"``) as a tokenizers BPE.
+
+    llama.cpp splits text into characters, then repeatedly joins the adjacent pair whose joined
+    piece is in the vocabulary with the highest score, falling back to ``<0xXX>`` byte tokens. That
+    is BPE whose merges are ranked by the joined piece's score, every (left, right) split of a
+    piece into two vocabulary pieces being one merge.
+    """
+    from tokenizers import models
+
+    def strings(name):
+        f = reader.fields[name]
+        return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data]
+
+    pieces = strings("tokenizer.ggml.tokens")
+    f = reader.fields["tokenizer.ggml.scores"]
+    scores = [float(f.parts[i][0]) for i in f.data]
+    vocab = {}
+    for i, p in enumerate(pieces):
+        vocab.setdefault(p, i)
+    ranked = []
+    for i, piece in enumerate(pieces):
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], vocab[left], vocab[right], left, right))
+    ranked.sort(key=lambda m: m[:3])
+    return models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in ranked], unk_token=pieces[unk_id],
+                      fuse_unk=True, byte_fallback=True)
+
+
+def _user_defined(reader) -> list[str]:
+    """The vocabulary's user-defined pieces (token type 4), which llama.cpp matches whole before tokenising."""
+    types, tokens = reader.fields["tokenizer.ggml.token_type"], reader.fields["tokenizer.ggml.tokens"]
+    return [bytes(tokens.parts[j]).decode("utf-8", errors="replace")
+            for i, j in zip(types.data, tokens.data) if int(types.parts[i][0]) == 4]
+
+
 def load_gguf_tokenizer(path: str | os.PathLike):
     """transformers fast tokenizer built from the GGUF metadata (offline, local file)."""
+    from tokenizers import AddedToken
     from transformers import AutoTokenizer
 
     path = os.path.abspath(os.fspath(path))
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True,
                                         trust_remote_code=False)
+    # transformers 4.57 reads a Gemma SentencePiece vocabulary as Unigram, but llama.cpp (and Gemma's own
+    # SentencePiece model) merge by score: "The capital" becomes 'The', '▁c', 'ap', 'it', 'al' instead of
+    # 'The', '▁capital'. Rebuild the model as llama.cpp tokenises ("llama" = SentencePiece in GGUF), with
+    # llama.cpp's user-defined pieces (whitespace runs, ...) matched whole before it.
+    reader = _reader(path)
+    meta = _meta(reader)
+    if type(tok.backend_tokenizer.model).__name__ == "Unigram" and meta.get("tokenizer.ggml.model") == "llama":
+        tok.backend_tokenizer.model = _spm_merge_model(reader, int(meta.get("tokenizer.ggml.unknown_token_id", 0)))
+        tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in _user_defined(reader)])
     # transformers' conversion always adds BOS for Llama; follow the file's own flag when it has one.
-    meta = _meta(_reader(path))
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if add_bos is not None and hasattr(tok, "add_bos_token") and tok.add_bos_token != bool(add_bos):
         tok.add_bos_token = bool(add_bos)
