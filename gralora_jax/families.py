@@ -54,6 +54,8 @@ class Family:
     gguf_names: tuple[tuple[str, str], ...] = ()
     # llama.cpp's converter interleaves the q/k rows for its rotary layout (Llama yes, NeoX-style Qwen no).
     gguf_rotary_permuted: bool = False
+    # llama.cpp's converter adds this to every ``*norm.weight`` (Gemma's RMSNorm scales by 1 + w: 1.0); we subtract it.
+    gguf_norm_shift: float = 0.0
     # transformers' Flax class hard-codes rotary base 10000 and ignores ``rope_scaling``.
     flax_rope_10000: bool = False
     # A T5-style encoder-decoder (transformers' Flax T5 quirks apply).
@@ -74,7 +76,13 @@ _TABLE = (
     _decoder("mistral", "gralora_jax.models.llama:MistralForCausalLM", flax_rope_10000=True),
     _decoder("gemma", "gralora_jax.models.gemma:GemmaForCausalLM", flax_rope_10000=True),
     _decoder("gemma2", "gralora_jax.models.gemma:Gemma2ForCausalLM"),
-    _decoder("gemma3_text", "gralora_jax.models.gemma:Gemma3ForCausalLM"),
+    _decoder("gemma3_text", "gralora_jax.models.gemma:Gemma3ForCausalLM", gguf_arch="gemma3", gguf_norm_shift=1.0,
+             gguf_names=(  # llama.cpp's gemma3 names its pre-MLP norm ffn_norm (Llama's post-attention one)
+                 ("blk.{i}.post_attention_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+                 ("blk.{i}.ffn_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
+                 ("blk.{i}.post_ffw_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
+                 ("blk.{i}.attn_q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
+                 ("blk.{i}.attn_k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"))),
     Family("gpt2", default_targets=("c_attn",), tied_head=("lm_head/kernel", "transformer/wte/embedding"),
            out_in_kernels=(r"(^|/)h/\d+/(attn|crossattention|mlp)/(c_attn|q_attn|c_proj|c_fc)$",)),
     Family("gptj"),

@@ -24,8 +24,9 @@ def test_our_model_classes_come_from_the_table():
 
 def test_derived_lookups():
     assert ("lm_head/kernel", "model/embed_tokens/embedding") in convert.TIED_HEADS
-    assert gguf_io.SUPPORTED_ARCHITECTURES == families.gguf_architectures() == ("llama", "qwen3")
-    assert families.gguf_family("qwen3").model_type == "qwen3" and families.gguf_family("gemma3") is None
+    assert gguf_io.SUPPORTED_ARCHITECTURES == families.gguf_architectures() == ("llama", "qwen3", "gemma3")
+    assert families.gguf_family("qwen3").model_type == "qwen3" and families.gguf_family("gemma2") is None
+    assert families.gguf_family("gemma3").model_type == "gemma3_text" and families.gguf_family("gemma3").gguf_norm_shift
     assert families.is_t5_like("mt5") and families.is_t5_like("umt5") and not families.is_t5_like("llama")
 
 

@@ -5,7 +5,7 @@ Sub-modules, one job each:
 * :mod:`.safetensors_io` -- read/write the safetensors format as numpy, no torch.
 * :mod:`.convert` -- HF PyTorch state dict <-> Flax param tree, driven by the target shapes.
 * :mod:`.pretrained` -- ``load_pretrained(dir | hub id | .gguf)`` -> ``(model, params)``.
-* :mod:`.gguf_io` -- llama.cpp GGUF (Llama family) -> HF config, state dict, tokenizer.
+* :mod:`.gguf_io` -- llama.cpp GGUF (llama, qwen3, gemma3) -> HF config, state dict, tokenizer.
 * :mod:`.sharded` -- ``load_pretrained_sharded(path, mesh)``: each device reads only its shard.
 """
 
