@@ -422,12 +422,29 @@ def test_cli_defaults_from_environment(clean_env):
         (["launch", "--name", "t", "--zone", "z", "--accelerator-type", "v4-32", "--", "python", "-m", "x",
           "--mesh", "2x8"], "wider than one host"),
         (["ssh", "--name", "t", "--zone", "z", "--worker", "all"], "interactive"),
+        (["launch", "--name", "t", "--zone", "z", "--accelerator-type", "v4-32", "--", "python", "-m", "x",
+          "--mesh", "16x"], "--mesh: bad mesh spec '16x'"),
+        (["launch", "--name", "t", "--zone", "z", "--accelerator-type", "v4-32", "--",
+          "cd run && python -m x --mesh='2x1x8'"], "the model axis (8) is wider"),
     ],
 )
 def test_cli_errors(clean_env, argv, needle):
     code, out, err = run_cli("--dry-run", *argv)
     assert code == 2 and out == ""
     assert needle in err
+
+
+@pytest.mark.parametrize("command,flag", [
+    ("python -m x --mesh 4x2", "4x2"),
+    ("python -m x --mesh=2x8x1 --steps 3", "2x8x1"),
+    ("cd run && python -m x --mesh '1x16x1' 2>&1 | tee log", "1x16x1"),
+    ("python -m x --mesh 4x2 --mesh 8x1", "8x1"),  # argparse keeps the last
+    ("python -m x --meshes 4x2 --other-mesh 2x2", None),
+    ("python -m x --mesh", None),
+    ("python -m x 'unbalanced --mesh 4x2", None),
+])
+def test_mesh_flag_read_from_command(command, flag):
+    assert cli.mesh_flag(command) == flag
 
 
 def test_cli_mesh_check_accepts_matching_mesh(clean_env):

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from gralora_jax.meshspec import parse_mesh
+
 # generation -> (N counts TensorCores?, JAX device per TensorCore?, HBM GiB per JAX device,
 #                default runtime version); runtime versions per the Cloud TPU runtime docs.
 _GENERATIONS: dict[str, tuple[bool, bool, float, str]] = {
@@ -226,7 +228,7 @@ def suggest_mesh(accelerator_type: str, params_billion: float | None = None) -> 
 
 
 def _axes(mesh: str) -> str:
-    return "data x fsdp x model" if mesh.count("x") == 2 else "data x model"
+    return " x ".join(parse_mesh(mesh))
 
 
 def describe(accelerator_type: str, params_billion: float | None = None) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ import sys
 import tempfile
 from typing import Callable, Sequence, TextIO
 
+from gralora_jax.meshspec import mesh_size, parse_mesh
 from tpu_setup import commands as C
 from tpu_setup import remote
 from tpu_setup.accelerators import describe, parse_accelerator
@@ -217,24 +217,42 @@ def _launch_command_text(words: Sequence[str]) -> str:
     return words[0] if len(words) == 1 else shlex.join(words)
 
 
+def mesh_flag(command: str) -> str | None:
+    """The value of the last ``--mesh X`` / ``--mesh=X`` in a shell command line (as argparse
+    reads it), else None; a command shlex cannot split (unbalanced quotes) has none."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    value = None
+    for word, following in zip(words, words[1:] + [None]):
+        if word == "--mesh" and following is not None:
+            value = following
+        elif word.startswith("--mesh="):
+            value = word[len("--mesh="):]
+    return value
+
+
 def check_mesh(command: str, accelerator_type: str) -> None:
-    """Raise if ``command`` has a ``--mesh`` whose size differs from the slice's JAX devices."""
-    match = re.search(r"--mesh[= ]+['\"]?([0-9x]+)", command)
-    if not match:
+    """Raise if ``command`` has a ``--mesh`` that is malformed (:func:`gralora_jax.meshspec.parse_mesh`),
+    whose size differs from the slice's JAX devices, or whose model axis spans hosts."""
+    flag = mesh_flag(command)
+    if flag is None:
         return
-    sizes = [int(s) for s in match.group(1).split("x") if s]
-    total = 1
-    for s in sizes:
-        total *= s
+    try:
+        axes = parse_mesh(flag)
+    except ValueError as e:
+        raise CliError(f"--mesh: {e}") from None
+    total = mesh_size(flag)
     spec = parse_accelerator(accelerator_type)
     if total != spec.devices:
         raise CliError(
-            f"--mesh {match.group(1)} has {total} devices but {spec.accelerator_type} has {spec.devices} "
+            f"--mesh {flag} has {total} devices but {spec.accelerator_type} has {spec.devices} "
             f"JAX devices over {spec.hosts} host(s); try `python -m tpu_setup mesh {spec.accelerator_type}`"
         )
-    if len(sizes) > 1 and sizes[-1] > spec.devices_per_host:
+    if axes["model"] > spec.devices_per_host:
         raise CliError(
-            f"--mesh {match.group(1)}: the model axis ({sizes[-1]}) is wider than one host's {spec.devices_per_host} "
+            f"--mesh {flag}: the model axis ({axes['model']}) is wider than one host's {spec.devices_per_host} "
             f"devices; use an FSDP mesh (DxFx1) instead, see `python -m tpu_setup mesh {spec.accelerator_type} "
             "--params-billion N`"
         )
