@@ -18,9 +18,14 @@ divisibility the in/k or out/k axis), and on the in/k or out/k axis when it is `
 (weights are gathered before use there; a block axis sharded over ``fsdp`` would collide
 with the batch, which is split over ``fsdp`` too, and made XLA rematerialise the block
 einsums: measured 14 "Involuntary full rematerialization" warnings on a 2x2x2 mesh, none
-now; on pure-FSDP meshes of scanned models, fsdp >= 8 and model 1, XLA still replicates the
-small per-layer adapter slices instead of all-gathering them, at +0.2% / +3.6% of LoRA's
-per-device memory for Llama-3.1-8B on 2x8x1 / 1x16x1, see ``benchmarks/memory_plan.py``). ``lora_A`` / ``gralora_A_general [in, r]`` get ``(s_in, None)``; ``lora_B`` /
+now). The batch must really be split over ``fsdp`` for that to hold: left alone, XLA gives the
+hidden states the embedding table's layout (hidden over ``fsdp``, batch whole), and GraLoRA's
+``in -> (k, in/k)`` block split of such a layer input (k = 4 blocks over 8 or 16 ``fsdp``
+devices) has no efficient reshard to the adapter's layout, so XLA replicated each layer's
+factors (12 warnings on 2x8x1 / 1x16x1). Our models pin the residual stream to batch over the
+data axes while a mesh is in context, and the surgery pins every adapted layer's input and the
+token embeddings (:data:`TOKEN_EMBEDDINGS`) of any model, transformers' included
+(:mod:`gralora_jax.models.constraints`; the train step traces under its mesh). ``lora_A`` / ``gralora_A_general [in, r]`` get ``(s_in, None)``; ``lora_B`` /
 ``gralora_B_general [r, out]`` get ``(None, s_out)``. The rank axis is always replicated.
 A leading stacked-layer (scan) axis is replicated: a rule written for ``[in, out]`` applied
 to a ``[L, in, out]`` leaf gets a ``None`` prepended.
@@ -50,6 +55,9 @@ _F = "fsdp"
 _M = "model"
 
 
+_token_embeddings: set[str] = set()  # every ``embeddings`` name given to _family (TOKEN_EMBEDDINGS)
+
+
 def _family(column=(), row=(), embeddings=(), heads=()) -> list[tuple[str, P]]:
     """One architecture's rules from module-path regexes (Megatron-style tensor parallelism over
     ``model``, weights also split over ``fsdp``):
@@ -62,6 +70,7 @@ def _family(column=(), row=(), embeddings=(), heads=()) -> list[tuple[str, P]]:
     The other kernel axis goes over ``fsdp``. Specs are written for ``[in, out]`` kernels; a kernel
     the family table stores ``[out, in]`` (GPT-2) gets its spec reversed (:func:`param_partition_specs`).
     """
+    _token_embeddings.update(embeddings)
     col, rw = P(_F, _M), P(_M, _F)
     rules = [(rf"(^|/){m}/kernel$", col) for m in column]
     rules += [(rf"(^|/){m}/bias$", P(_M)) for m in column]
@@ -96,6 +105,12 @@ RULES: dict[str, list[tuple[str, P]]] = {
     **dict.fromkeys(("bert", "roberta", "electra"), _BERT_RULES),
     **dict.fromkeys(("t5", "mt5"), _T5_RULES),
 }
+
+# Module names of the token embeddings above ([vocab, hidden], hidden over fsdp): a lookup comes
+# out with hidden split over fsdp, which the surgery re-pins to batch over the data axes while a
+# mesh is in context (gralora_jax.models.constraints.embedded; our models do it themselves).
+TOKEN_EMBEDDINGS: frozenset[str] = frozenset(_token_embeddings)
+
 
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """A :class:`jax.sharding.Mesh` for ``spec`` over ``devices`` (default: all devices).

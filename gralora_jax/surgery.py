@@ -54,6 +54,8 @@ from gralora_jax import tree as tree_lib
 from gralora_jax.config import AdapterConfig
 from gralora_jax.families import IN_OUT, OUT_IN
 from gralora_jax.models import layout as layout_lib
+from gralora_jax.models.constraints import batch_pinned, embedded
+from gralora_jax.sharding import TOKEN_EMBEDDINGS
 from gralora_jax.targets import default_target_modules, select_targets
 
 _CONV1D_CLASS_NAMES = ("FlaxConv1D",)  # transformers' GPT-2 projection, kernel stored [out, in]
@@ -224,7 +226,8 @@ def _interceptor(config: AdapterConfig, train: bool, block_layout: str = layers.
             return visits.root_call(m, lambda: next_fun(*args, **kwargs))
         names = [n for n in kind.leaves if m.has_variable("params", n)]
         if not names:
-            return next_fun(*args, **kwargs)
+            out = next_fun(*args, **kwargs)
+            return embedded(out) if isinstance(m, nn.Embed) and m.name in TOKEN_EMBEDDINGS else out
         path, conv1d = "/".join(m.scope.path), type(m).__name__ in _CONV1D_CLASS_NAMES
         if not (isinstance(m, nn.Dense) or conv1d):
             raise TypeError(
@@ -234,7 +237,10 @@ def _interceptor(config: AdapterConfig, train: bool, block_layout: str = layers.
         if conv1d != (layouts.get(path, IN_OUT) == OUT_IN):
             raise TypeError(f"module {path} is a {type(m).__name__} but its kernel layout is taken as "
                             f"{layouts.get(path, IN_OUT)!r}: fix out_in_kernels in gralora_jax.families")
-        y = next_fun(*args, **kwargs)
+        # with a mesh in context, batch over the data axes (gralora_jax.models.constraints): else on a
+        # pure-FSDP mesh the input can arrive hidden-split, which GraLoRA's block reshape cannot take
+        x = batch_pinned(args[0] if args else kwargs["inputs"])
+        y = next_fun(x, *args[1:], **kwargs) if args else next_fun(*args, **{**kwargs, "inputs": x})
         visits.applied(m)
         adapter = {n: m.get_variable("params", n) for n in names}
         rng = None
@@ -242,7 +248,6 @@ def _interceptor(config: AdapterConfig, train: bool, block_layout: str = layers.
             if not m.has_rng("dropout"):
                 raise ValueError("adapter dropout is on and train=True, but no dropout_rng was given")
             rng = m.make_rng("dropout")
-        x = args[0] if args else kwargs["inputs"]
         delta = kind.apply(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=rng, block_layout=block_layout)
         return y + delta.astype(y.dtype)
 

@@ -202,6 +202,8 @@ class TrainStep:
 
     ``trace_count`` counts Python traces (== compilations for fixed shapes/shardings).
     ``state_shardings`` / ``frozen_shardings`` / ``batch_sharding`` are the fixed shardings.
+    The step is traced with its mesh in context, so the models' activation constraints
+    (:mod:`gralora_jax.models.constraints`) apply without the caller's ``jax.set_mesh``.
     """
 
     def __init__(self, fn, state_shardings, frozen_shardings, batch_sharding):
@@ -210,9 +212,12 @@ class TrainStep:
         self.frozen_shardings = frozen_shardings
         self.batch_sharding = batch_sharding
 
+        mesh = batch_sharding.mesh
+
         def counted(*args):
             self.trace_count += 1
-            return fn(*args)
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the models' activation constraints
+                return fn(*args)
 
         self.jitted = jax.jit(
             counted,

@@ -91,7 +91,7 @@ def choose_implementation(requested: Optional[str], q, *, key_mask=None, full_ma
 
 def _splash_applies(q, full_mask) -> bool:
     """The splash kernel's conditions (module docstring) for an automatic choice on TPU."""
-    from gralora_jax.models.splash import context_mesh
+    from gralora_jax.models.constraints import context_mesh
 
     return (full_mask is None and q.shape[1] % 128 == 0 and q.shape[-1] % 128 == 0
             and (jax.device_count() == 1 or context_mesh() is not None))

@@ -22,6 +22,8 @@ the parameters then live under ``model/layers/scan/...`` with a leading layer ax
 convert with :func:`gralora_jax.models.layout.stack_layer_params` /
 ``unstack_layer_params`` (checkpoints are always read and written unrolled).
 ``remat_policy`` wraps each layer in ``jax.checkpoint`` (``nn.remat``) in either layout.
+With a mesh in context the embeddings and every layer's output are pinned to batch over the data
+axes (:mod:`gralora_jax.models.constraints`); without one they are left to XLA.
 
 Numerics: RMSNorm statistics in float32; rotary in float32; attention logits and softmax
 in float32 (``jax.nn.dot_product_attention``'s XLA path); everything else in ``dtype``
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from gralora_jax.models.attention import attention, cache_mask
+from gralora_jax.models.constraints import batch_sharded, embedded
 from gralora_jax.models.rope import apply_rope, rope_cos_sin
 from gralora_jax.models.spec import DecoderSpec
 
@@ -176,7 +179,7 @@ class DecoderLayer(nn.Module):
         else:
             h = h + attn_out
             h = h + mlp(norm("post_attention_layernorm")(h))
-        return h, new_cache
+        return batch_sharded(h), new_cache
 
 
 def _layer_class(spec: DecoderSpec):
@@ -236,6 +239,7 @@ class DecoderModel(nn.Module):
         h = embed(input_ids).astype(self.dtype)
         if s.embed_scale:
             h = h * jnp.asarray(math.sqrt(s.hidden_size), self.dtype)
+        h = embedded(h)
         cos, sin = rope_cos_sin(s.rope, position_ids)
         if s.local_rope is not None:  # Gemma3: (global, local) pairs, picked per layer
             cos_l, sin_l = rope_cos_sin(s.local_rope, position_ids)

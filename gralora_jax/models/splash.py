@@ -26,12 +26,14 @@ interpret mode only (no TPU in this project's CI).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from gralora_jax.meshspec import BATCH_AXES
+from gralora_jax.models.constraints import context_mesh, split_axes
 
 BLOCK_CHOICES = (512, 256, 128)
 
@@ -89,34 +91,16 @@ def splash_attention(q, k, v, *, scale: float, window: Optional[int] = None, key
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
-def context_mesh():
-    """The mesh set with ``jax.set_mesh`` (concrete or abstract) when it has several devices, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) <= 1:
-        return None
-    return mesh
-
-
-def _split_axes(mesh, names, dim: int):
-    """The axes among ``names`` (present, size > 1) whose product divides ``dim``, as a spec entry."""
-    axes = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1)
-    if not axes or dim % math.prod(mesh.shape[a] for a in axes):
-        return None
-    return axes[0] if len(axes) == 1 else axes
-
-
 def sharded_splash_attention(q, k, v, *, scale: float, window: Optional[int] = None, key_mask=None,
                              kv_lengths=None, softcap: Optional[float] = None, interpret: bool = False, mesh=None):
     """:func:`splash_attention` under ``shard_map`` over ``mesh`` (default: the mesh in context):
     batch over the data axes, heads over ``model``; the plain call when there is no mesh."""
-    from gralora_jax.sharding import BATCH_AXES
-
     mesh = mesh if mesh is not None else context_mesh()
     kw = dict(scale=scale, window=window, softcap=softcap, interpret=interpret)
     if mesh is None:
         return splash_attention(q, k, v, key_mask=key_mask, kv_lengths=kv_lengths, **kw)
-    b = _split_axes(mesh, BATCH_AXES, q.shape[0])
-    h = _split_axes(mesh, ("model",), k.shape[2])
+    b = split_axes(mesh, BATCH_AXES, q.shape[0])
+    h = split_axes(mesh, ("model",), k.shape[2])
     qkv = P(b, None, h, None)
     extra, extra_specs = {}, {}
     if key_mask is not None:
