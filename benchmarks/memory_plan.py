@@ -12,6 +12,9 @@ compile.
 
     python -m benchmarks.memory_plan --shape 8b --meshes 16x1,4x4,2x8x1,1x16x1 --devices 16
 
+The step traces with its mesh in context, so the models' activation constraints apply
+(:mod:`gralora_jax.models.constraints`); ``--no-activation-constraints`` compiles it without them.
+
 The model is ``gralora_jax.models`` Llama with ``scan_layers=True`` (compile time does not
 grow with depth) and the given remat policy; bf16 base, fp32 adapters and optimizer state.
 Adapter shapes come from the surgery on a one-layer model of the same width, stacked to the
@@ -44,6 +47,8 @@ def _args(argv=None):
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--remat", default="full", help="remat policy of each layer (none, full, dots_saveable, ...)")
     ap.add_argument("--no-scan", dest="scan", action="store_false", help="unrolled layers (small shapes only)")
+    ap.add_argument("--no-activation-constraints", dest="constraints", action="store_false",
+                    help="trace without the models' activation sharding constraints (to measure what they change)")
     ap.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
     return ap.parse_args(argv)
 
@@ -107,8 +112,12 @@ def _per_device_bytes(shapes, specs, mesh) -> int:
     return total
 
 
-def plan_row(shape, method, mesh_spec: str, *, batch: int, seq: int, remat: str, scan: bool = True) -> dict:
-    """Compile one (mesh, method) step from shapes; return its per-device memory figures."""
+def plan_row(shape, method, mesh_spec: str, *, batch: int, seq: int, remat: str, scan: bool = True,
+             constraints: bool = True) -> dict:
+    """Compile one (mesh, method) step from shapes; return its per-device memory figures.
+    ``constraints=False``: without :mod:`gralora_jax.models.constraints` (as if no mesh were in context)."""
+    from unittest import mock
+
     import jax
     import jax.numpy as jnp
 
@@ -136,7 +145,8 @@ def plan_row(shape, method, mesh_spec: str, *, batch: int, seq: int, remat: str,
     state = TrainState(step=S((), jnp.int32), params=trainable, opt_state=jax.eval_shape(opt.init, shapes),
                        rng=S((2,), jnp.uint32), bad_step=S((), jnp.int32))
     data = {"input_ids": S((batch, seq), jnp.int32), "attention_mask": S((batch, seq), jnp.int32)}
-    with _capture_stderr() as err:
+    off = mock.patch("gralora_jax.models.constraints.context_mesh", lambda: None)
+    with _capture_stderr() as err, (contextlib.nullcontext() if constraints else off):
         compiled = step.jitted.lower(state, frozen, data).compile()
     mem = compiled.memory_analysis()
     n_train = sum(v.size for v in tree_lib.flatten(trainable).values())
@@ -153,6 +163,7 @@ def plan_row(shape, method, mesh_spec: str, *, batch: int, seq: int, remat: str,
         + mem.temp_size_in_bytes,
         "trainable_params": int(n_train),
         "involuntary_remat": err["text"].count("Involuntary full rematerialization"),
+        "constraints": constraints,
     }
 
 
@@ -172,7 +183,7 @@ def main(argv=None) -> int:
     for mesh_spec in a.meshes.split(","):
         for name in a.methods.split(","):
             row = plan_row(shape, parse_method(name, rank=a.rank, alpha=a.alpha), mesh_spec,
-                           batch=a.batch, seq=a.seq, remat=a.remat, scan=a.scan)
+                           batch=a.batch, seq=a.seq, remat=a.remat, scan=a.scan, constraints=a.constraints)
             rows.append(row)
             if a.json:
                 print(json.dumps(row), flush=True)
