@@ -249,7 +249,7 @@ def _interceptor(config: AdapterConfig, train: bool, block_layout: str = layers.
                 raise ValueError("adapter dropout is on and train=True, but no dropout_rng was given")
             rng = m.make_rng("dropout")
         delta = kind.apply(x, adapter, scaling, dropout_rate=dropout_rate, dropout_rng=rng, block_layout=block_layout)
-        return y + delta.astype(y.dtype)
+        return kind.add_output(y, delta)
 
     return intercept
 

@@ -9,6 +9,7 @@ import transformers as tf
 from flax import linen as nn
 
 from gralora_jax import GraLoRAConfig, LoRAConfig
+from gralora_jax import kinds
 from gralora_jax import tree as tree_lib
 from gralora_jax.surgery import GraLoRAModel, add_adapters, get_gralora_model
 
@@ -130,13 +131,27 @@ def test_from_pretrained_roundtrip_lora(llama, tmp_path):
     np.testing.assert_array_equal(np.asarray(again(IDS).logits), np.asarray(gm(IDS).logits))
 
 
+@pytest.mark.parametrize("config", [GraLoRAConfig(r=8, gralora_k=2, init_weights=False, target_modules=["q_proj", "up_proj"]),
+                                    LoRAConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "up_proj"])],
+                         ids=["gralora", "lora"])
+def test_keep_sum_puts_each_adapted_output_behind_a_barrier(llama, config):
+    """GraLoRA's ``base + adapter`` is an optimization barrier in every adapted layer (XLA then saves
+    the sum for the backward, not both terms: kinds.AdapterKind.keep_sum); LoRA's is a plain add."""
+    gm = get_gralora_model(llama, config, rng=jax.random.PRNGKey(0))
+    jaxpr = str(jax.make_jaxpr(lambda p: gm.logits_fn(p, IDS))(gm.params))
+    adapted = 2 * llama.config.num_hidden_layers
+    assert jaxpr.count("optimization_barrier") == (adapted if isinstance(config, GraLoRAConfig) else 0)
+    y, d = jnp.ones((3, 5)), jnp.full((3, 5), 0.25)
+    np.testing.assert_array_equal(kinds.kind_of(config).add_output(y, d), y + d)
+
+
 def test_block_layouts_give_the_same_model(llama):
     """``block_layout="concat"`` is a different arrangement of the same arithmetic: logits and
     adapter gradients equal the default's (hybrid, k=4, several projections)."""
     cfg = GraLoRAConfig(r=8, gralora_k=4, hybrid_r=4, init_weights=False, target_modules=["q_proj", "up_proj", "down_proj"])
     fast = get_gralora_model(llama, cfg, rng=jax.random.PRNGKey(3))
     lean = get_gralora_model(llama, cfg, rng=jax.random.PRNGKey(3), block_layout="concat")
-    assert lean.block_layout == "concat" and fast.block_layout == "batched"
+    assert lean.block_layout == "concat" and fast.block_layout == "vjp"
     train, frozen = fast.split_params()
     f = lambda gm: jax.value_and_grad(lambda t: jnp.sum(jnp.tanh(gm.logits_fn(tree_lib.combine(t, frozen), IDS))))(train)
     (va, ga), (vb, gb) = f(fast), f(lean)

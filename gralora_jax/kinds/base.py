@@ -54,6 +54,17 @@ class AdapterKind:
     # (leaf, shape, s_in, s_out, MeshAxes) -> mesh axis entries of the leaf's own (unstacked) dims,
     # from the kernel's input and output entries
     partition_spec: Callable[..., tuple]
+    # True: the adapted layer's output ``base + adapter`` goes through ``jax.lax.optimization_barrier``,
+    # so the backward pass saves the sum rather than its two terms. Without it XLA folds the sum into
+    # the consumer (Llama's ``silu(gate) * up``) and keeps both terms of gate and up alive for the
+    # backward: measured 2026-12-04 on an H200, Llama-3.2-1B shape, batch 8 x 1024, GraLoRA k=4
+    # peak 19.06 -> 15.33 GiB (temp 17.45 -> 13.45 GB) at the same step time.
+    keep_sum: bool = False
+
+    def add_output(self, y: jax.Array, delta: jax.Array) -> jax.Array:
+        """An adapted layer's output: ``y + delta`` in ``y``'s dtype (see ``keep_sum``)."""
+        out = y + delta.astype(y.dtype)
+        return jax.lax.optimization_barrier(out) if self.keep_sum else out
 
 
 def kaiming_bound(fan_in: int) -> float:

@@ -97,4 +97,5 @@ KIND = AdapterKind(
     apply=apply,
     delta=delta,
     partition_spec=partition_spec,
+    keep_sum=True,
 )
