@@ -1,14 +1,17 @@
 """The model-family table: everything the library knows about a ``config.model_type``, in one place.
 
-Each :class:`Family` names our Flax model class (when we have one), the PEFT default target
+Each :class:`Family` names our Flax model class (when we have one) and the reader of its
+architecture quirks from a transformers config (``spec_reader``), the PEFT default target
 modules, the tied output head, how its 2-D kernels are stored (``[in, out]`` like ``nn.Dense``,
 or ``[out, in]`` like GPT-2's ``FlaxConv1D``), the GGUF architecture and the transformers-Flax
 quirks that matter to us. Sharding rules stay data in :data:`gralora_jax.sharding.RULES`; this table is
 where a family's rules are looked up (:func:`sharding_rules`), and building it fails at import
-when a family has no rules (or a kernel layout that is not a tuple of regexes), so a family
-without sharding rules cannot exist.
+when a family has no rules, a kernel layout that is not a tuple of regexes, or our model class
+without a spec reader (or the other way round), so a family without sharding rules, or a decoder
+of ours whose config nobody reads, cannot exist.
 
-Everything else (``models.spec.SUPPORTED_MODEL_TYPES``, ``models.auto.MODEL_CLASSES``,
+Everything else (``models.spec.SUPPORTED_MODEL_TYPES`` and the family-specific fields of
+``models.spec.spec_from_hf_config``, ``models.auto.MODEL_CLASSES``,
 ``targets.DEFAULT_TARGET_MODULES``, ``loading.convert.TIED_HEADS``, the kernel layouts of
 surgery and sharding, ``loading.gguf_io.SUPPORTED_ARCHITECTURES``, the rotary-10000 warning and
 the T5 patch of ``loading.pretrained.build_model``) is derived from it.
@@ -42,6 +45,9 @@ class Family:
     model_type: str
     # Our Flax causal-LM class as "module:Name", or None when only transformers' Flax class exists.
     model_class: Optional[str] = None
+    # With model_class: "module:name" of ``reader(config, fields) -> dict``, the DecoderSpec fields that
+    # differ from the generic reading ``fields`` of a transformers config (see gralora_jax.models.spec).
+    spec_reader: Optional[str] = None
     # What PEFT targets when ``target_modules`` is None.
     default_targets: tuple[str, ...] = ("q_proj", "v_proj")
     # Regexes on '/'-joined module paths whose kernels are stored OUT_IN; every other kernel is IN_OUT.
@@ -62,22 +68,24 @@ class Family:
     t5_like: bool = False
 
 
-def _decoder(model_type: str, cls: str, **kw) -> Family:
-    return Family(model_type, model_class=cls, tied_head=_DECODER_TIED, **kw)
+def _decoder(model_type: str, cls: str, reader: str, **kw) -> Family:
+    """A decoder of ours: class ``cls`` ("module:Name"), spec reader ``reader`` of ``gralora_jax.models.spec``."""
+    return Family(model_type, model_class=cls, spec_reader=f"gralora_jax.models.spec:{reader}", tied_head=_DECODER_TIED,
+                  **kw)
 
 
 _TABLE = (
-    _decoder("llama", "gralora_jax.models.llama:LlamaForCausalLM", gguf_arch="llama", gguf_rotary_permuted=True,
-             flax_rope_10000=True),
-    _decoder("qwen2", "gralora_jax.models.llama:Qwen2ForCausalLM"),
-    _decoder("qwen3", "gralora_jax.models.llama:Qwen3ForCausalLM", gguf_arch="qwen3", gguf_names=(
+    _decoder("llama", "gralora_jax.models.llama:LlamaForCausalLM", "read_llama", gguf_arch="llama",
+             gguf_rotary_permuted=True, flax_rope_10000=True),
+    _decoder("qwen2", "gralora_jax.models.llama:Qwen2ForCausalLM", "read_qwen2"),
+    _decoder("qwen3", "gralora_jax.models.llama:Qwen3ForCausalLM", "read_qwen3", gguf_arch="qwen3", gguf_names=(
         ("blk.{i}.attn_q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight"),
         ("blk.{i}.attn_k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight"))),
-    _decoder("mistral", "gralora_jax.models.llama:MistralForCausalLM", flax_rope_10000=True),
-    _decoder("gemma", "gralora_jax.models.gemma:GemmaForCausalLM", flax_rope_10000=True),
-    _decoder("gemma2", "gralora_jax.models.gemma:Gemma2ForCausalLM"),
-    _decoder("gemma3_text", "gralora_jax.models.gemma:Gemma3ForCausalLM", gguf_arch="gemma3", gguf_norm_shift=1.0,
-             gguf_names=(  # llama.cpp's gemma3 names its pre-MLP norm ffn_norm (Llama's post-attention one)
+    _decoder("mistral", "gralora_jax.models.llama:MistralForCausalLM", "read_mistral", flax_rope_10000=True),
+    _decoder("gemma", "gralora_jax.models.gemma:GemmaForCausalLM", "read_gemma", flax_rope_10000=True),
+    _decoder("gemma2", "gralora_jax.models.gemma:Gemma2ForCausalLM", "read_gemma2"),
+    _decoder("gemma3_text", "gralora_jax.models.gemma:Gemma3ForCausalLM", "read_gemma3_text", gguf_arch="gemma3",
+             gguf_norm_shift=1.0, gguf_names=(  # llama.cpp's gemma3 names its pre-MLP norm ffn_norm (Llama's post-attention one)
                  ("blk.{i}.post_attention_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
                  ("blk.{i}.ffn_norm.weight", "model.layers.{i}.pre_feedforward_layernorm.weight"),
                  ("blk.{i}.post_ffw_norm.weight", "model.layers.{i}.post_feedforward_layernorm.weight"),
@@ -105,8 +113,19 @@ def _is_regex(pattern) -> bool:
     return True
 
 
+def _is_ref(ref) -> bool:
+    """``ref`` names an attribute of a module: "module:name"."""
+    return isinstance(ref, str) and re.fullmatch(r"\w+(\.\w+)*:\w+", ref) is not None
+
+
+def _resolve(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _check(table, rules) -> None:
-    """At import: every family has sharding rules, and its ``out_in_kernels`` are a tuple of regexes."""
+    """At import: every family has sharding rules, its ``out_in_kernels`` are a tuple of regexes, and
+    a family with our model class has a spec reader (both "module:name"), one without neither."""
     missing = sorted({f.model_type for f in table} - set(rules))
     if missing:
         raise ImportError(f"gralora_jax.families: no sharding rules in gralora_jax.sharding.RULES for {missing}")
@@ -114,6 +133,11 @@ def _check(table, rules) -> None:
         if not (isinstance(f.out_in_kernels, tuple) and all(map(_is_regex, f.out_in_kernels))):
             raise ImportError(f"gralora_jax.families: {f.model_type!r}: out_in_kernels must be a tuple of regexes, "
                               f"got {f.out_in_kernels!r}")
+        if f.model_class is None and f.spec_reader is None:
+            continue
+        if not (_is_ref(f.model_class) and _is_ref(f.spec_reader)):
+            raise ImportError(f"gralora_jax.families: {f.model_type!r}: our model class needs a spec reader, both "
+                              f"'module:name'; got model_class={f.model_class!r}, spec_reader={f.spec_reader!r}")
 
 
 _check(_TABLE, _sharding.RULES)
@@ -150,10 +174,13 @@ def kernel_layout(model_type: Optional[str], module_path: str) -> str:
 def model_class(model_type: Optional[str]):
     """Our Flax model class for ``model_type`` (None when we have none)."""
     fam = FAMILIES.get(model_type)
-    if fam is None or fam.model_class is None:
-        return None
-    module, name = fam.model_class.split(":")
-    return getattr(importlib.import_module(module), name)
+    return None if fam is None or fam.model_class is None else _resolve(fam.model_class)
+
+
+def spec_reader(model_type: Optional[str]):
+    """The spec reader of ``model_type``, ``reader(config, fields) -> dict`` (None when we have no model)."""
+    fam = FAMILIES.get(model_type)
+    return None if fam is None or fam.spec_reader is None else _resolve(fam.spec_reader)
 
 
 def is_t5_like(model_type: Optional[str]) -> bool:

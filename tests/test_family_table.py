@@ -1,5 +1,7 @@
 """The model-family table is complete and the places that used to decide a family ask it."""
 
+import dataclasses
+
 import pytest
 
 from gralora_jax import families, sharding
@@ -20,6 +22,34 @@ def test_our_model_classes_come_from_the_table():
     for model_type, cls in MODEL_CLASSES.items():
         assert cls is families.model_class(model_type) and cls.__name__ in families.FAMILIES[model_type].model_class
     assert families.model_class("bert") is None
+
+
+def test_our_families_name_a_spec_reader():
+    for model_type in SUPPORTED_MODEL_TYPES:
+        reader = families.spec_reader(model_type)
+        assert callable(reader) and reader.__module__ == "gralora_jax.models.spec"
+    assert families.spec_reader("bert") is None and families.spec_reader("not-a-family") is None
+
+
+def test_import_check_refuses_our_model_without_a_spec_reader():
+    ours = families.FAMILIES["qwen2"]
+    families._check((ours,), {"qwen2": []})
+    for bad in (dict(spec_reader=None), dict(spec_reader="read_qwen2"), dict(model_class=None)):
+        with pytest.raises(ImportError, match="'qwen2': our model class needs a spec reader"):
+            families._check((dataclasses.replace(ours, **bad),), {"qwen2": []})
+
+
+def test_spec_reading_asks_the_table(monkeypatch):
+    """With qwen2's entry naming Llama's reader, a Qwen2 config reads as Llama's: no q/k/v bias."""
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    assert spec_from_hf_config(cfg).qkv_bias
+    llama_reader = families.FAMILIES["llama"].spec_reader
+    monkeypatch.setitem(families.FAMILIES, "qwen2", dataclasses.replace(families.FAMILIES["qwen2"],
+                                                                        spec_reader=llama_reader))
+    assert not spec_from_hf_config(cfg).qkv_bias
 
 
 def test_derived_lookups():
@@ -89,8 +119,6 @@ def test_table_kernel_layouts_match_gpt2s_module_classes():
 def test_layouts_are_asked_of_the_table(monkeypatch):
     """Surgery, sharding and the interceptor all follow the family entry: with GPT-2's entry
     changed to say [in, out], surgery and sharding change and running the adapted model raises."""
-    import dataclasses
-
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 

@@ -80,33 +80,31 @@ def fit(adapter, target):
     return float(train(adapter))
 
 
-def adapters(seed):
+def adapters(seed) -> dict:
+    """GraLoRA and LoRA adapters of the same parameter count, by name."""
     key = jax.random.PRNGKey(seed)
     gra = init_gralora_adapter(key, N, N, R, K, init_weights=False)
     lora = init_lora_adapter(key, N, N, R, init_weights=False)
     count = lambda a: sum(v.size for v in a.values())  # noqa: E731
     assert count(gra) == count(lora) == R * 2 * N  # the comparison is at equal parameter count
-    return gra, lora
+    return {"gralora": gra, "lora": lora}
 
 
+BOUNDS = {"gralora": gralora_bound, "lora": lora_bound}
+
+
+# (target builder, the target's rank, the adapter that fits it, the adapter that cannot)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_block_structured_target_gralora_fits_lora_cannot(seed):
-    target = block_target(np.random.default_rng(seed))
-    assert np.linalg.matrix_rank(target) == K * R
-    gra, lora = adapters(seed)
-    assert gralora_bound(target) < 1e-10
-    bound = lora_bound(target)
+@pytest.mark.parametrize("make_target, rank, fits, cannot", [
+    pytest.param(block_target, K * R, "gralora", "lora", id="block_structured_gralora_fits_lora_cannot"),
+    pytest.param(global_target, R, "lora", "gralora", id="globally_low_rank_lora_fits_gralora_cannot"),
+])
+def test_one_adapter_fits_the_target_the_other_cannot(make_target, rank, fits, cannot, seed):
+    target = make_target(np.random.default_rng(seed))
+    assert np.linalg.matrix_rank(target) == rank
+    adapter = adapters(seed)
+    assert BOUNDS[fits](target) < 1e-10
+    bound = BOUNDS[cannot](target)
     assert bound > 0.1
-    assert fit(gra, target) < 1e-4
-    assert fit(lora, target) >= bound - 1e-4
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_globally_low_rank_target_lora_fits_gralora_cannot(seed):
-    target = global_target(np.random.default_rng(seed))
-    gra, lora = adapters(seed)
-    assert lora_bound(target) < 1e-10
-    bound = gralora_bound(target)
-    assert bound > 0.1
-    assert fit(lora, target) < 1e-4
-    assert fit(gra, target) >= bound - 1e-4
+    assert fit(adapter[fits], target) < 1e-4
+    assert fit(adapter[cannot], target) >= bound - 1e-4

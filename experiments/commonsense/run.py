@@ -234,7 +234,7 @@ def load(inputs: Inputs):
     The params are placed on ``inputs.mesh`` as they are read, each device reading only its shard
     of the checkpoint (:func:`gralora_jax.loading.load_pretrained_sharded`): the one placed copy
     of the base, on every host of a multi-host run."""
-    from gralora_jax.loading.pretrained import build_model, load_config, param_shapes
+    from gralora_jax.loading import pretrained
     from gralora_jax.loading.sharded import load_pretrained_sharded
     from gralora_jax.models import CausalLM
     from gralora_jax.models.inputs import check_token_ids
@@ -243,12 +243,13 @@ def load(inputs: Inputs):
     dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     param_dtype = jnp.float32 if cfg.method == "full" else dtype
     try:
-        probe = build_model(load_config(inputs.model_src), dtype=dtype, param_dtype=param_dtype)
+        # the base as the loaders build it, without model options: its size and kind choose them
+        probe = pretrained.prepare(inputs.model_src, dtype=dtype, param_dtype=param_dtype)
         if inputs.examples:  # an id past the vocabulary would give NaN logits inside jit: refuse it here
             check_token_ids(np.concatenate([e.input_ids for e in inputs.examples]), probe.config.vocab_size,
                             what=f"token ids of {inputs.train_src} (tokenizer of {inputs.model_src})")
-        ours = isinstance(probe, CausalLM)
-        opts = config_lib.model_options(cfg, _num_params(param_shapes(probe)), ours,
+        ours = isinstance(probe.model, CausalLM)
+        opts = config_lib.model_options(cfg, _num_params(probe.shapes), ours,
                                         num_layers=int(getattr(probe.config, "num_hidden_layers", 0) or 0))
         model, params = load_pretrained_sharded(inputs.model_src, inputs.mesh, dtype=dtype, param_dtype=param_dtype,
                                                 model_options=opts or None)

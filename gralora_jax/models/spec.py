@@ -4,7 +4,9 @@ transformers config objects are mutable and unhashable, and every architecture s
 its quirks differently (Qwen2 has q/k/v bias but no ``attention_bias`` field, Mistral
 windows every layer, Gemma2 alternates, ...). :func:`spec_from_hf_config` reads them
 once into a frozen :class:`DecoderSpec` that the linen modules take as a field, so
-``nn.scan``/``nn.remat`` can hash it and no module ever looks at the HF config.
+``nn.scan``/``nn.remat`` can hash it and no module ever looks at the HF config. The fields
+every family spells alike are read here; a family's quirks by its spec reader
+(``read_<model_type>`` below), which its entry in the family table ``gralora_jax.families`` names.
 
 >>> from transformers import LlamaConfig
 >>> s = spec_from_hf_config(LlamaConfig(hidden_size=64, num_attention_heads=4,
@@ -18,10 +20,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from gralora_jax.families import OUR_MODEL_TYPES
+from gralora_jax import families
 
 # The model types we have our own Flax model for (from the family table).
-SUPPORTED_MODEL_TYPES = OUR_MODEL_TYPES
+SUPPORTED_MODEL_TYPES = families.OUR_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 REMAT_POLICIES = (
     "none",  # no rematerialisation
@@ -131,18 +133,78 @@ def _rope_spec(config: Any, head_dim: int) -> RopeSpec:
                     max_position_embeddings=max_pos, **kw)
 
 
-def _windows(config: Any, model_type: str, n: int) -> tuple:
+def _windows(config: Any, n: int) -> tuple:
+    """Per-layer windows from ``layer_types`` and ``sliding_window`` (no window when either is unset)."""
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and window is not None:
         return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
-    if model_type == "mistral" and window is not None:
-        return (int(window),) * n
     return (None,) * n
 
 
+# ------------------------------------------------------------------ family spec readers
+# Each model type of ours names one in the family table (gralora_jax.families, ``spec_reader``):
+# ``reader(config, fields) -> dict``, the fields that differ from the generic reading ``fields``.
+
+
+def read_llama(config: Any, fields: dict) -> dict:
+    """Llama: the generic reading."""
+    return {}
+
+
+def read_qwen2(config: Any, fields: dict) -> dict:
+    """Qwen2: bias on q/k/v, none on o_proj, whatever ``attention_bias`` says (it has no such field)."""
+    return dict(qkv_bias=True, o_bias=False)
+
+
+def read_qwen3(config: Any, fields: dict) -> dict:
+    """Qwen3: RMSNorm on q and k."""
+    return dict(qk_norm=True)
+
+
+def read_mistral(config: Any, fields: dict) -> dict:
+    """Mistral: ``sliding_window`` windows every layer (when no ``layer_types`` says which)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "layer_types", None) is not None:
+        return {}
+    return dict(windows=(int(window),) * fields["num_layers"])
+
+
+_GEMMA = dict(norm_offset=1.0, embed_scale=True)  # every Gemma: RMSNorm by (1 + w), embeddings by sqrt(hidden)
+
+
+def read_gemma(config: Any, fields: dict) -> dict:
+    """Gemma: its norms and embedding scale; ``gelu_pytorch_tanh`` when ``hidden_activation`` is unset
+    (transformers' Gemma default, whatever ``hidden_act`` says)."""
+    act = {} if getattr(config, "hidden_activation", None) is not None else dict(hidden_act="gelu_pytorch_tanh")
+    return dict(_GEMMA, **act)
+
+
+def read_gemma2(config: Any, fields: dict) -> dict:
+    """Gemma2: Gemma's norms, sandwich norms, ``query_pre_attn_scalar`` and tanh soft-capping."""
+    return dict(
+        _GEMMA,
+        sandwich_norms=True,
+        query_scale=float(config.query_pre_attn_scalar) ** -0.5,
+        attn_logit_softcap=getattr(config, "attn_logit_softcapping", None),
+        final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def read_gemma3_text(config: Any, fields: dict) -> dict:
+    """Gemma3: Gemma2's fields, RMSNorm on q and k, and the sliding layers' own rotary."""
+    return dict(
+        read_gemma2(config, fields),
+        qk_norm=True,
+        # sliding layers: rope_local_base_freq, no scaling (rope_theta / rope_scaling are the global layers')
+        local_rope=RopeSpec(theta=float(config.rope_local_base_freq), rotary_dim=fields["head_dim"],
+                            max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048))),
+    )
+
+
 def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
-    """Read a transformers ``PretrainedConfig`` (llama/qwen2/qwen3/mistral/gemma/gemma2) into a DecoderSpec.
+    """Read a transformers ``PretrainedConfig`` of one of our model types into a DecoderSpec: the
+    fields every family spells alike, then those of the family's spec reader (the family table).
 
     ``overrides`` set the run-time fields (``scan_layers``, ``scan_unroll``, ``remat_policy``,
     ``attn_implementation``, ``attention_mask_mode``).
@@ -155,8 +217,6 @@ def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
     n_layers = int(config.num_hidden_layers)
     kv = getattr(config, "num_key_value_heads", None) or n_heads
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-    if model_type == "gemma" and getattr(config, "hidden_activation", None) is None:
-        act = "gelu_pytorch_tanh"  # transformers' Gemma default when hidden_activation is unset
     attention_bias = bool(getattr(config, "attention_bias", False))
     fields = dict(
         model_type=model_type,
@@ -170,34 +230,13 @@ def spec_from_hf_config(config: Any, **overrides) -> DecoderSpec:
         rms_norm_eps=float(config.rms_norm_eps),
         hidden_act=str(act),
         rope=_rope_spec(config, int(head_dim)),
-        windows=_windows(config, model_type, n_layers),
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        o_bias=False if model_type == "qwen2" else attention_bias,
+        windows=_windows(config, n_layers),
+        qkv_bias=attention_bias,
+        o_bias=attention_bias,
         mlp_bias=bool(getattr(config, "mlp_bias", False)),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         initializer_range=float(getattr(config, "initializer_range", 0.02)),
     )
-    if model_type == "qwen3":
-        fields.update(qk_norm=True)
-    if model_type in ("gemma", "gemma2", "gemma3_text"):
-        fields.update(norm_offset=1.0, embed_scale=True)
-    if model_type == "gemma3_text":
-        fields.update(
-            qk_norm=True,
-            sandwich_norms=True,
-            query_scale=float(config.query_pre_attn_scalar) ** -0.5,
-            attn_logit_softcap=getattr(config, "attn_logit_softcapping", None),
-            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
-            # sliding layers: rope_local_base_freq, no scaling (rope_theta / rope_scaling are the global layers')
-            local_rope=RopeSpec(theta=float(config.rope_local_base_freq), rotary_dim=int(head_dim),
-                                max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048))),
-        )
-    if model_type == "gemma2":
-        fields.update(
-            sandwich_norms=True,
-            query_scale=float(config.query_pre_attn_scalar) ** -0.5,
-            attn_logit_softcap=getattr(config, "attn_logit_softcapping", None),
-            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
-        )
+    fields.update(families.spec_reader(model_type)(config, fields))
     fields.update(overrides)
     return DecoderSpec(**fields)
