@@ -39,13 +39,13 @@ def test_fsdp_mesh_no_involuntary_rematerialization(layout):
     assert gralora["temp_bytes"] < 1.5 * lora["temp_bytes"], (lora["temp_bytes"], gralora["temp_bytes"])
 
 
-@pytest.mark.slow  # two subprocesses, three compiles on 16 fake devices
+@pytest.mark.slow  # two subprocesses, two compiles on 16 fake devices (2x8x1: benchmarks/results/memory_plan_8b_cpu16_2026-12-04)
 def test_pure_fsdp_meshes_no_involuntary_rematerialization():
     """fsdp >= 8, model 1: without the models' activation constraints the hidden states inherit the
     embedding table's hidden-over-fsdp split, and GraLoRA's block reshape of that split (k=4 blocks
     of in/k over 8 or 16 devices) made XLA replicate every layer's adapter factors (12 warnings)."""
-    ok = _plan("--meshes", "1x16x1,2x8x1", devices=16, batch=16, methods="gralora4")
-    assert [r["involuntary_remat"] for r in ok.values()] == [0, 0], ok
+    ok = _plan("--meshes", "1x16x1", devices=16, batch=16, methods="gralora4")
+    assert [r["involuntary_remat"] for r in ok.values()] == [0], ok
     # the detector sees the warnings when they are there: the same step traced without the constraints
     bad = _plan("--meshes", "1x16x1", "--no-activation-constraints", devices=16, batch=16, methods="gralora4")
     assert bad["1x16x1", "gralora4"]["involuntary_remat"] > 0, bad
