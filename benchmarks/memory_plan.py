@@ -38,6 +38,7 @@ def _args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="8b", help="benchmarks.shapes name (tiny, 135m, 1b, 8b)")
     ap.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    ap.add_argument("--vocab", type=int, default=None, help="override the shape's vocabulary size")
     ap.add_argument("--meshes", default="16x1,4x4,2x8x1,1x16x1", help="comma-separated DxM or DxFxM meshes")
     ap.add_argument("--devices", type=int, default=16, help="fake CPU devices (every mesh must use all of them)")
     ap.add_argument("--methods", default="lora,gralora4", help="comma-separated benchmarks.shapes methods")
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
     shape = SHAPES[a.shape]
     if a.layers:
         shape = dataclasses.replace(shape, layers=a.layers)
+    if a.vocab:
+        shape = dataclasses.replace(shape, vocab=a.vocab)
     rows = []
     for mesh_spec in a.meshes.split(","):
         for name in a.methods.split(","):
