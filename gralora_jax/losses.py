@@ -38,6 +38,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from gralora_jax.models.constraints import vocab_sharded, vocab_split
+
 
 def causal_lm_loss(logits, labels, loss_mask=None):
     """Mean shifted cross-entropy and the token count.
@@ -143,15 +145,20 @@ def chunked_cross_entropy(hidden, lm_head_kernel, labels, mask=None, chunk_size:
         y = jnp.pad(y, (0, pad))
         w = jnp.pad(w, (0, pad))
     n_chunks = h.shape[0] // chunk
-    kernel = lm_head_kernel.astype(hidden.dtype)
+    # on an FSDP mesh: the head split along the vocabulary, not gathered (models.constraints.vocab_split)
+    kernel, vocab_axes = vocab_split(lm_head_kernel.astype(hidden.dtype))
 
     @jax.checkpoint
     def chunk_loss(hc, yc):
-        logits = jnp.dot(hc, kernel, preferred_element_type=jnp.float32)
+        logits = vocab_sharded(jnp.dot(hc, kernel, preferred_element_type=jnp.float32), vocab_axes)
         if logit_softcap is not None:
             logits = logit_softcap * jnp.tanh(logits / logit_softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
+        if vocab_axes is None:
+            target = jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
+        else:  # a masked sum over the split vocabulary: a local reduction and one all-reduce, no gather
+            hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == yc[:, None]
+            target = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
         return lse - target
 
     def body(carry, xs):

@@ -84,3 +84,51 @@ def test_surgery_pins_hf_flax_embeddings_and_adapted_inputs():
         pinned = fwd(params, ids)
     assert _entries(free.sharding.spec) == (None, None, "fsdp")
     assert _entries(pinned.sharding.spec) == ("fsdp",)
+
+
+@pytest.mark.parametrize("mesh,split", [("1x8x1", True), ("2x4x1", True), ("1x8x1", False)])
+def test_chunked_loss_keeps_the_head_split_along_the_vocabulary(mesh, split, monkeypatch):
+    """On an FSDP mesh the chunked loss splits the head along the vocabulary instead of gathering it
+    (no all-gather in the compiled step yields a [hidden, vocab] array; with the split turned off,
+    split=False, the detector sees the gather); loss and gradients equal a plain float64 numpy
+    computation of the same cross-entropy either way."""
+    import re
+
+    from gralora_jax import losses
+    from gralora_jax.losses import chunked_causal_lm_loss
+
+    if not split:
+        monkeypatch.setattr(losses, "vocab_split", lambda kernel: (kernel, None))
+
+    B, T, D, V = 8, 6, 16, 64
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(B, T, D)).astype(np.float32)
+    w = (0.3 * rng.normal(size=(D, V))).astype(np.float32)
+    labels = rng.integers(0, V, size=(B, T))
+    mask = (rng.random((B, T)) > 0.2).astype(np.float32)
+
+    def numpy_loss(h, w):
+        logits = (h[:, :-1].astype(np.float64) @ w.astype(np.float64))
+        lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        tgt = np.take_along_axis(logits, labels[:, 1:, None], -1)[..., 0]
+        m = mask[:, 1:]
+        return float(((lse - tgt) * m).sum() / m.sum())
+
+    m = make_mesh(mesh)
+    fsdp = m.shape.get("fsdp", 1)
+    hs = jax.device_put(h, jax.sharding.NamedSharding(m, P(("data", "fsdp") if fsdp > 1 else "data")))
+    ws = jax.device_put(w, jax.sharding.NamedSharding(m, P("fsdp" if fsdp > 1 else None, None)))
+    loss = lambda h, w: chunked_causal_lm_loss(h, w, labels, mask, chunk_size=16)[0]
+    with jax.set_mesh(m):
+        fn = jax.jit(jax.value_and_grad(loss))
+        hlo = fn.lower(hs, ws).compile().as_text()
+        value, grad = fn(hs, ws)
+    gathered = [line for line in hlo.splitlines() if re.search(rf"= \w+\[{D},{V}\]\S* all-gather", line)]
+    assert (not gathered) == split, gathered
+    np.testing.assert_allclose(float(value), numpy_loss(h, w), rtol=1e-5)
+    eps = 1e-3  # central difference of the float64 loss along one hidden coordinate
+    hp, hm = h.copy(), h.copy()
+    hp[1, 2, 3] += eps
+    hm[1, 2, 3] -= eps
+    np.testing.assert_allclose(float(np.asarray(grad)[1, 2, 3]), (numpy_loss(hp, w) - numpy_loss(hm, w)) / (2 * eps),
+                               rtol=1e-3, atol=1e-6)

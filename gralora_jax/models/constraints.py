@@ -69,3 +69,29 @@ def embedded(h: jax.Array) -> jax.Array:
     axis. In one step, with ``data`` and ``model`` axes besides (``2x2x2``), XLA finds no
     efficient path from hidden-split to batch-split and replicates the output."""
     return batch_sharded(batch_sharded(h, ("fsdp",)))
+
+
+def vocab_split(kernel: jax.Array):
+    """An output head ``kernel [D, V]`` with ``V`` over ``fsdp`` when an FSDP mesh is in context
+    (and ``fsdp`` divides ``V``), with that spec entry; ``(kernel, None)`` otherwise.
+
+    With the tokens split over ``fsdp``, a head split along ``D`` would be gathered whole on every
+    device (1 GiB in bf16 for Llama-3's 128256 x 4096). Split along ``V`` it stays 1/fsdp per
+    device; each loss chunk's hidden states are gathered instead and the log-sum-exp is reduced
+    across devices (:func:`vocab_sharded`, ``gralora_jax.losses.chunked_cross_entropy``)."""
+    mesh = context_mesh()
+    if mesh is None or kernel.ndim != 2:
+        return kernel, None
+    v = split_axes(mesh, ("fsdp",), kernel.shape[1])
+    if v is None:
+        return kernel, None
+    return jax.lax.with_sharding_constraint(kernel, P(None, v)), v
+
+
+def vocab_sharded(logits: jax.Array, entry) -> jax.Array:
+    """``logits [..., V]`` constrained to ``V`` over ``entry`` (from :func:`vocab_split`), the
+    other axes whole; ``logits`` itself when ``entry`` is None."""
+    if entry is None:
+        return logits
+    return jax.lax.with_sharding_constraint(logits, P(*([None] * (logits.ndim - 1)), entry))
+
