@@ -266,16 +266,35 @@ def _spm_merge_model(reader, unk_id):
                       fuse_unk=True, byte_fallback=True)
 
 
-def _user_defined(reader) -> list[str]:
-    """The vocabulary's user-defined pieces (token type 4), which llama.cpp matches whole before tokenising."""
-    types, tokens = reader.fields["tokenizer.ggml.token_type"], reader.fields["tokenizer.ggml.tokens"]
-    return [bytes(tokens.parts[j]).decode("utf-8", errors="replace")
-            for i, j in zip(types.data, tokens.data) if int(types.parts[i][0]) == 4]
+# llama.cpp's token types (gguf.TokenType) that it matches whole in text before tokenising the rest
+# (``tokenizer_st_partition``; CONTROL and UNKNOWN only with parse_special, as transformers always does).
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+
+
+def _added_tokens(reader) -> list:
+    """The vocabulary's whole-match pieces as tokenizers ``AddedToken``s: control and unknown pieces
+    (``<start_of_turn>``, ``<bos>``, ...) special, user-defined ones (whitespace runs, ...) plain; all
+    matched in the raw text (``normalized=False``). Empty when the file has no token types."""
+    from tokenizers import AddedToken
+
+    types, tokens = reader.fields.get("tokenizer.ggml.token_type"), reader.fields.get("tokenizer.ggml.tokens")
+    if types is None or tokens is None:
+        return []
+    out = []
+    for i, j in zip(types.data, tokens.data):
+        kind = int(types.parts[i][0])
+        if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED):
+            out.append(AddedToken(bytes(tokens.parts[j]).decode("utf-8", errors="replace"), normalized=False,
+                                  special=kind != _USER_DEFINED))
+    return out
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """transformers fast tokenizer built from the GGUF metadata (offline, local file)."""
-    from tokenizers import AddedToken
+    """transformers fast tokenizer built from the GGUF metadata (offline, local file).
+
+    The vocabulary's control pieces (``<start_of_turn>``, ``<bos>``, ...) are special tokens, matched whole
+    in text and dropped by ``decode(skip_special_tokens=True)``; its user-defined pieces are matched whole
+    too but kept: as llama.cpp tokenises with ``parse_special``."""
     from transformers import AutoTokenizer
 
     path = os.path.abspath(os.fspath(path))
@@ -283,13 +302,17 @@ def load_gguf_tokenizer(path: str | os.PathLike):
                                         trust_remote_code=False)
     # transformers 4.57 reads a Gemma SentencePiece vocabulary as Unigram, but llama.cpp (and Gemma's own
     # SentencePiece model) merge by score: "The capital" becomes 'The', '▁c', 'ap', 'it', 'al' instead of
-    # 'The', '▁capital'. Rebuild the model as llama.cpp tokenises ("llama" = SentencePiece in GGUF), with
-    # llama.cpp's user-defined pieces (whitespace runs, ...) matched whole before it.
+    # 'The', '▁capital'. Rebuild the model as llama.cpp tokenises ("llama" = SentencePiece in GGUF).
     reader = _reader(path)
     meta = _meta(reader)
     if type(tok.backend_tokenizer.model).__name__ == "Unigram" and meta.get("tokenizer.ggml.model") == "llama":
         tok.backend_tokenizer.model = _spm_merge_model(reader, int(meta.get("tokenizer.ggml.unknown_token_id", 0)))
-        tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in _user_defined(reader)])
+    # transformers registers the control pieces of a BPE ("gpt2") vocabulary but not of a SentencePiece one
+    # (Gemma's <start_of_turn> came out as '<', 'start', '_', ...): register them, and the user-defined
+    # pieces, for every vocabulary (a piece already registered is only updated).
+    added = _added_tokens(reader)
+    tok.add_tokens([t for t in added if not t.special])
+    tok.add_tokens([t for t in added if t.special], special_tokens=True)
     # transformers' conversion always adds BOS for Llama; follow the file's own flag when it has one.
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if add_bos is not None and hasattr(tok, "add_bos_token") and tok.add_bos_token != bool(add_bos):
