@@ -78,10 +78,26 @@ def _cached_reader(path: str, mtime_ns: int, size: int):
     if magic != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        return gguf.GGUFReader(path)
+        return _plain_array_reader()(path)
     except Exception as e:  # the reader fails in numpy (reshape/view/mmap) on a cut-off file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {reason})") from None
+
+
+@functools.cache
+def _plain_array_reader():
+    """``gguf.GGUFReader`` reading through a plain ndarray view of its memmap. The reader slices its
+    data once for every string of the vocabulary and numpy's memmap bookkeeping on each slice is most
+    of its time: Gemma 3's 262k-token file parses in 3.5 s instead of 12 s. Same fields and tensors."""
+    import gguf
+
+    class PlainArrayReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if type(self.data) is not np.ndarray:
+                self.data = self.data.view(np.ndarray)  # still the file's mapping (its base), not a copy
+            return super()._get(offset, dtype, count, override_order)
+
+    return PlainArrayReader
 
 
 def _meta(reader) -> dict:
@@ -298,8 +314,12 @@ def load_gguf_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     path = os.path.abspath(os.fspath(path))
+    try:  # our config picks the same tokenizer class and spares transformers one more parse of the file
+        config = load_gguf_config(path)
+    except ValueError:  # an architecture we do not load: transformers reads the config itself
+        config = None
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True,
-                                        trust_remote_code=False)
+                                        trust_remote_code=False, config=config)
     # transformers 4.57 reads a Gemma SentencePiece vocabulary as Unigram, but llama.cpp (and Gemma's own
     # SentencePiece model) merge by score: "The capital" becomes 'The', '▁c', 'ap', 'it', 'al' instead of
     # 'The', '▁capital'. Rebuild the model as llama.cpp tokenises ("llama" = SentencePiece in GGUF).
