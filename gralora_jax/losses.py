@@ -10,10 +10,13 @@ their token counts (the accumulated step then equals one step on the concatenate
 ``chunked_cross_entropy`` is the memory-light cross-entropy over a large vocabulary: it
 flattens the tokens, splits them into chunks of ``chunk_size`` and, with ``lax.scan`` over
 the chunks, computes each chunk's float32 logits ``hidden @ lm_head_kernel``, its
-log-sum-exp and the label logit. Each chunk is wrapped in ``jax.checkpoint``, so the
-backward pass recomputes a chunk's logits instead of keeping them: peak memory is
-``chunk_size x vocab`` floats instead of ``B x T x vocab``. Its labels are taken as given
-(already shifted); ``mask`` (and ``labels < 0``, e.g. -100) drops tokens.
+log-sum-exp and the label logit: peak memory is ``chunk_size x vocab`` floats instead of
+``B x T x vocab``. It has its own VJP: when differentiated, the forward pass also forms each
+chunk's ``softmax - one_hot`` and multiplies it (in the head's dtype) by the head, so the
+backward pass only scales that ``d loss / d hidden`` by the incoming per-token cotangent. The
+logits are computed once, not recomputed; a trainable head recomputes them for its own
+gradient. Its labels are taken as given (already shifted); ``mask`` (and ``labels < 0``,
+e.g. -100) drops tokens.
 
 ``chunked_causal_lm_loss`` is ``causal_lm_loss`` from the final hidden state and the lm_head
 kernel, never materialising ``[B, T, vocab]`` logits: it runs ``chunked_cross_entropy`` on
@@ -32,6 +35,7 @@ each row (``vmap``), so a chunk is a block of positions of *every* row and the b
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Optional
 
@@ -93,8 +97,7 @@ def chunked_causal_lm_loss(hidden, lm_head_kernel, labels, loss_mask=None, *, ch
     ``hidden``: [B, T, D] final hidden states; ``lm_head_kernel``: [D, V]; ``labels`` and
     ``loss_mask`` as in :func:`causal_lm_loss`; ``logit_softcap``: Gemma2's final
     ``c * tanh(logits / c)``. ``chunk_size`` is the number of tokens whose float32 logits exist
-    at once: each chunk covers ``ceil(chunk_size / B)`` positions of every row. Each chunk is
-    recomputed in the backward pass. Returns ``(loss f32 scalar, num_tokens f32 scalar)``.
+    at once: each chunk covers ``ceil(chunk_size / B)`` positions of every row. Returns ``(loss f32 scalar, num_tokens f32 scalar)``.
     """
     if hidden.ndim != 3 or labels.ndim != 2 or hidden.shape[:2] != labels.shape:
         raise ValueError(
@@ -147,25 +150,8 @@ def chunked_cross_entropy(hidden, lm_head_kernel, labels, mask=None, chunk_size:
     n_chunks = h.shape[0] // chunk
     # on an FSDP mesh: the head split along the vocabulary, not gathered (models.constraints.vocab_split)
     kernel, vocab_axes = vocab_split(lm_head_kernel.astype(hidden.dtype))
-
-    @jax.checkpoint
-    def chunk_loss(hc, yc):
-        logits = vocab_sharded(jnp.dot(hc, kernel, preferred_element_type=jnp.float32), vocab_axes)
-        if logit_softcap is not None:
-            logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        if vocab_axes is None:
-            target = jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
-        else:  # a masked sum over the split vocabulary: a local reduction and one all-reduce, no gather
-            hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == yc[:, None]
-            target = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
-        return lse - target
-
-    def body(carry, xs):
-        hc, yc = xs
-        return carry, chunk_loss(hc, yc)
-
-    _, losses = jax.lax.scan(body, None, (h.reshape(n_chunks, chunk, D), y.reshape(n_chunks, chunk)))
+    losses = _token_losses(h.reshape(n_chunks, chunk, D), kernel, y.reshape(n_chunks, chunk), vocab_axes,
+                           logit_softcap)
     losses = losses.reshape(-1) * w
     if reduction == "none":
         return losses[:n].reshape(out_shape)
@@ -173,3 +159,77 @@ def chunked_cross_entropy(hidden, lm_head_kernel, labels, mask=None, chunk_size:
     if reduction == "sum":
         return total
     return total / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _chunk_logits(hc, kernel, vocab_axes, softcap):
+    """float32 ``(logits, tanh(z / softcap) or None)`` of one chunk ``hc [C, D]``."""
+    z = vocab_sharded(jnp.dot(hc, kernel, preferred_element_type=jnp.float32), vocab_axes)
+    if softcap is None:
+        return z, None
+    t = jnp.tanh(z / softcap)
+    return softcap * t, t
+
+
+def _chunk_loss(hc, yc, kernel, vocab_axes, softcap, grad: bool):
+    """Per-token loss of one chunk and, with ``grad``, d loss / d z ``[C, V]`` (float32)."""
+    logits, t = _chunk_logits(hc, kernel, vocab_axes, softcap)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    hit = jnp.arange(logits.shape[-1], dtype=jnp.int32) == yc[:, None]
+    if vocab_axes is None:
+        target = jnp.take_along_axis(logits, yc[:, None], axis=-1)[:, 0]
+    else:  # a masked sum over the split vocabulary: a local reduction and one all-reduce, no gather
+        target = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    if not grad:
+        return lse - target, None
+    dz = jnp.exp(logits - lse[:, None]) - hit.astype(jnp.float32)  # softmax - one-hot
+    if t is not None:
+        dz = dz * (1.0 - t * t)
+    return lse - target, vocab_sharded(dz, vocab_axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _token_losses(h, kernel, y, vocab_axes, softcap):
+    """Per-token cross-entropy ``[n_chunks, C]`` of ``h [n_chunks, C, D]`` against ``y``, one chunk's
+    logits at a time. Differentiated, the forward pass also forms each chunk's ``d loss / d h``
+    (the logits are needed for both), so the backward pass only scales it by the incoming
+    cotangent: the logits are computed once instead of twice, and ``d z`` enters the ``[C, V] x
+    [V, D]`` product in the head's dtype (a bf16 GEMM for a bf16 model, as in PyTorch's autocast).
+    A trainable head (``kernel`` perturbed) recomputes each chunk's logits for its gradient."""
+    def body(carry, xs):
+        return carry, _chunk_loss(xs[0], xs[1], kernel, vocab_axes, softcap, grad=False)[0]
+
+    return jax.lax.scan(body, None, (h, y))[1]
+
+
+def _token_losses_fwd(h, kernel, y, vocab_axes, softcap):
+    h_in, k_in = h, kernel
+    h, kernel, y = h.value, kernel.value, y.value
+
+    def body(carry, xs):
+        hc, yc = xs
+        loss, dz = _chunk_loss(hc, yc, kernel, vocab_axes, softcap, grad=True)
+        dh = jnp.dot(dz.astype(kernel.dtype), kernel.T, preferred_element_type=jnp.float32).astype(h.dtype)
+        return carry, (loss, dh if h_in.perturbed else None)
+
+    losses, dh = jax.lax.scan(body, None, (h, y))[1]
+    return losses, (dh, h if k_in.perturbed else None, kernel if k_in.perturbed else None, y)
+
+
+def _token_losses_bwd(vocab_axes, softcap, res, g):
+    dh, h, kernel, y = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None, None
+    g = g.astype(jnp.float32)
+    dh = None if dh is None else (dh.astype(jnp.float32) * g[..., None]).astype(dh.dtype)
+    dk = None
+    if kernel is not None:  # a trainable head's gradient: each chunk's logits again, weighted by its cotangent
+        def body(acc, xs):
+            hc, yc, gc = xs
+            dz = _chunk_loss(hc, yc, kernel, vocab_axes, softcap, grad=True)[1] * gc[:, None]
+            return acc + jnp.dot(hc.T, dz.astype(kernel.dtype), preferred_element_type=jnp.float32), None
+
+        dk = jax.lax.scan(body, jnp.zeros(kernel.shape, jnp.float32), (h, y, g))[0].astype(kernel.dtype)
+    return dh, dk, None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd, symbolic_zeros=True)

@@ -63,3 +63,61 @@ def test_reductions_and_errors():
         chunked_cross_entropy(h, k, labels, reduction="avg")
     with pytest.raises(ValueError, match="hidden size"):
         chunked_cross_entropy(h, jnp.zeros((5, 10)), labels)
+
+
+def plain_grad_hidden(hidden, kernel, labels, weights, softcap=None):
+    """float64 numpy d(sum_t w_t * nll_t) / d hidden."""
+    h = np.asarray(hidden, np.float64)
+    k = np.asarray(kernel, np.float64)
+    z = h @ k
+    t = np.tanh(z / softcap) if softcap else None
+    logits = softcap * t if softcap else z
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    dz = p * np.asarray(weights, np.float64)[:, None]
+    if softcap:
+        dz *= 1.0 - t * t
+    return dz @ k.T
+
+
+@pytest.mark.parametrize("dtype,softcap,chunk", [(jnp.float32, None, 4), (jnp.float32, 3.0, 5),
+                                                  (jnp.bfloat16, None, 8), (jnp.bfloat16, 3.0, 3)])
+def test_hidden_gradient_with_a_frozen_head(dtype, softcap, chunk):
+    """The gradient path training uses (head frozen, so only d/d hidden): per-token weighted losses
+    against a float64 numpy gradient, in float32 and bfloat16."""
+    rng = np.random.default_rng(2)
+    n, d, v = 11, 16, 40
+    hidden = rng.normal(size=(n, d)).astype(np.float32)
+    kernel = (rng.normal(size=(d, v)) / 2).astype(np.float32)
+    labels = rng.integers(0, v, size=n)
+    weights = rng.random(n).astype(np.float32)
+    h, k = jnp.asarray(hidden, dtype), jnp.asarray(kernel, dtype)
+
+    def f(h_):
+        per_token = chunked_cross_entropy(h_, k, jnp.asarray(labels), None, chunk, logit_softcap=softcap,
+                                          reduction="none")
+        return jnp.sum(per_token * weights)
+
+    got = np.asarray(jax.jit(jax.grad(f))(h), np.float64)
+    want = plain_grad_hidden(np.asarray(h, np.float32), np.asarray(k, np.float32), labels, weights, softcap)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=tol)
+
+
+def _dots(jaxpr) -> int:
+    return str(jaxpr).count("dot_general[")  # nested jaxprs (scan bodies) print inline
+
+
+def test_logits_are_computed_once_when_the_head_is_frozen():
+    """Training with a frozen head runs two head matmuls per chunk (logits, then d hidden), not three
+    (a recomputation of the logits in the backward pass); a trainable head adds the recompute and
+    its own gradient."""
+    h = jnp.ones((2, 8, 4))
+    k = jnp.ones((4, 10))
+    labels = jnp.zeros((2, 8), jnp.int32)
+    frozen = jax.make_jaxpr(jax.grad(lambda h_: chunked_cross_entropy(h_, k, labels, None, 4)))(h)
+    trained = jax.make_jaxpr(jax.grad(lambda h_, k_: chunked_cross_entropy(h_, k_, labels, None, 4),
+                                      argnums=(0, 1)))(h, k)
+    assert _dots(frozen) == 2
+    assert _dots(trained) == 4
