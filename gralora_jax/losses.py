@@ -9,8 +9,8 @@ their token counts (the accumulated step then equals one step on the concatenate
 
 ``chunked_cross_entropy`` is the memory-light cross-entropy over a large vocabulary: it
 flattens the tokens, splits them into chunks of ``chunk_size`` and, with ``lax.scan`` over
-the chunks, computes each chunk's float32 logits ``hidden @ lm_head_kernel``, its
-log-sum-exp and the label logit: peak memory is ``chunk_size x vocab`` floats instead of
+the chunks, computes each chunk's logits ``hidden @ lm_head_kernel`` (in the hidden states' dtype, like
+the models' full logits, then float32), its log-sum-exp and the label logit: peak memory is ``chunk_size x vocab`` floats instead of
 ``B x T x vocab``. It has its own VJP: when differentiated, the forward pass also forms each
 chunk's ``softmax - one_hot`` and multiplies it (in the head's dtype) by the head, so the
 backward pass only scales that ``d loss / d hidden`` by the incoming per-token cotangent. The
@@ -96,7 +96,7 @@ def chunked_causal_lm_loss(hidden, lm_head_kernel, labels, loss_mask=None, *, ch
 
     ``hidden``: [B, T, D] final hidden states; ``lm_head_kernel``: [D, V]; ``labels`` and
     ``loss_mask`` as in :func:`causal_lm_loss`; ``logit_softcap``: Gemma2's final
-    ``c * tanh(logits / c)``. ``chunk_size`` is the number of tokens whose float32 logits exist
+    ``c * tanh(logits / c)``. ``chunk_size`` is the number of tokens whose logits exist
     at once: each chunk covers ``ceil(chunk_size / B)`` positions of every row. Returns ``(loss f32 scalar, num_tokens f32 scalar)``.
     """
     if hidden.ndim != 3 or labels.ndim != 2 or hidden.shape[:2] != labels.shape:
@@ -162,8 +162,10 @@ def chunked_cross_entropy(hidden, lm_head_kernel, labels, mask=None, chunk_size:
 
 
 def _chunk_logits(hc, kernel, vocab_axes, softcap):
-    """float32 ``(logits, tanh(z / softcap) or None)`` of one chunk ``hc [C, D]``."""
-    z = vocab_sharded(jnp.dot(hc, kernel, preferred_element_type=jnp.float32), vocab_axes)
+    """float32 ``(logits, tanh(z / softcap) or None)`` of one chunk ``hc [C, D]``. The product is
+    rounded to the hidden states' dtype before the upcast, as the models' full logits are (and
+    PyTorch's for a bf16 model): for bf16 the ``[C, V]`` array the loss passes read is half the size."""
+    z = vocab_sharded(jnp.dot(hc, kernel), vocab_axes).astype(jnp.float32)
     if softcap is None:
         return z, None
     t = jnp.tanh(z / softcap)

@@ -230,10 +230,28 @@ class TrainStep:
         return self.jitted(state, frozen, batch)
 
 
-def _all_finite(tree) -> jax.Array:
-    """Scalar bool: every float leaf of ``tree`` is finite."""
-    flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+def _all_finite(tree, specs=None) -> jax.Array:
+    """Scalar bool: every float leaf of ``tree`` is finite.
+
+    Leaves of one shape, dtype and partition spec (``specs``: a tree of ``PartitionSpec``
+    matching ``tree``) are checked together: their non-finite indicators are added elementwise
+    (no communication, same layout) and reduced once, so XLA runs one reduction per group instead
+    of one per leaf (a LoRA's params and AdamW state at 1B are 672 leaves in ~10 groups; checked
+    leaf by leaf they took 2.7 ms of a 107 ms step on an H200). Without ``specs`` each leaf is its
+    own group.
+    """
+    leaves = jax.tree.leaves(tree)
+    keys = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)) if specs is not None else []
+    if len(keys) != len(leaves):
+        keys = list(range(len(leaves)))
+    groups: dict = {}
+    for x, key in zip(leaves, keys):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            groups.setdefault((x.shape, x.dtype, key), []).append(x)
+    if not groups:
+        return jnp.bool_(True)
+    bad = [jnp.sum(sum(jnp.where(jnp.isfinite(x), 0.0, 1.0) for x in g)) for g in groups.values()]
+    return jnp.sum(jnp.stack(bad)) == 0
 
 
 def _split_micro(x, accum: int):
@@ -317,7 +335,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(full_grads, state.opt_state, full_params)
         t_updates, _ = tree_lib.split_trainable(updates, mask)
         params = optax.apply_updates(state.params, t_updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & _all_finite((params, opt_state), (state_specs.params, state_specs.opt_state)))
         ok = finite & (state.bad_step == 0)
 
         def keep(new, old):

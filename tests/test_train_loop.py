@@ -208,6 +208,33 @@ def test_nonfinite_step_is_not_applied_nor_saved(params, mesh, reference, tmp_pa
     assert not (tmp_path / "metrics.jsonl").exists() or all(r["step"] < 3 for r in _rows(tmp_path))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_grouped_finiteness_check_finds_one_bad_element(params, mesh, bad):
+    """The step's guard groups leaves by shape and spec (one fused reduction per group): a single
+    bad element in any leaf of the real params + AdamW state is still found, and the groups are
+    fewer than the leaves."""
+    from gralora_jax.train import _all_finite as all_finite, train_state_specs
+
+    mask = tree_lib.trainable_mask(params)
+    opt = make_optimizer(OPTIM, params, mask)
+    specs = param_partition_specs(params, "llama", mesh)
+    state, _ = init_train_state(params, mask, opt, mesh, specs)
+    state_specs, _ = train_state_specs(opt, params, mask, specs)
+    tree, tree_specs = (state.params, state.opt_state), (state_specs.params, state_specs.opt_state)
+    check = jax.jit(lambda t: all_finite(t, tree_specs))
+    assert bool(check(tree))
+    leaves, treedef = jax.tree.flatten(tree)
+    floats = [i for i, x in enumerate(leaves) if np.issubdtype(x.dtype, np.floating) and x.size > 1]
+    assert len(floats) > 4
+    for i in floats:
+        x = np.array(leaves[i])
+        x.flat[x.size // 2] = bad
+        poisoned = jax.tree.unflatten(treedef, [x if j == i else y for j, y in enumerate(leaves)])
+        assert not bool(check(poisoned)), i
+    text = str(jax.make_jaxpr(lambda t: all_finite(t, tree_specs))(tree))
+    assert 0 < text.count("reduce_sum") < len(floats)
+
+
 def test_lr_too_high_nan_never_exported(params, mesh):
     """lr=1e4 with no clipping: the first non-finite update stops training, params stay finite."""
     import dataclasses
