@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_suite.sh scaling    # both GPUs: 1b on mesh 2x1 (data) and 1x2 (tensor)
 #   bash benchmarks/gpu_suite.sh hf         # transformers' FlaxLlama at 1b (lane 0) and 8b batch 2 (lane 1)
 #   bash benchmarks/gpu_suite.sh layouts    # GraLoRA block-contraction layouts (memory vs speed)
+#   bash benchmarks/gpu_suite.sh profile    # 1b LoRA and GraLoRA k=4: device time by model part (one GPU)
 #
 # The hf stage needs wheels in .whl/ (transformers 4.57.6, huggingface-hub 0.36.2, tokenizers
 # 0.22.2: the GPU image has transformers 5, without Flax); they are installed into /tmp/hfsite and
@@ -62,6 +63,15 @@ layouts)
         "$B1 --methods lora --out $OUT/v_lora1
          $B1 --layout batched --methods gralora4,gralora2,gralora4h16 --out $OUT/v_batched
          $B1 --layout concat --methods gralora4,gralora2,gralora4h16 --out $OUT/v_concat"
+  ;;
+profile)
+  # kernels joined to the JAX op names of XLA's HLO dump (benchmarks/trace_attribution.py);
+  # command buffers off so that each kernel event names its HLO instruction
+  for m in lora gralora4; do
+    XLA_FLAGS="--xla_dump_to=/tmp/dump_$m --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$ --xla_gpu_enable_command_buffer=" \
+      $B1 --methods $m --profile $m --profile-dir /tmp/prof --out "$OUT/profile_$m" > "$OUT/profile_$m.log" 2>&1
+    python3 -m benchmarks.trace_attribution /tmp/prof/$m /tmp/dump_$m --json "$OUT/attribution_$m.json" > "$OUT/attribution_$m.txt"
+  done
   ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

@@ -37,10 +37,12 @@ def _category(name: str) -> str:
     return "other"
 
 
-def summarize(directory: str, steps: int = 1, top: int = 30) -> dict:
+def device_events(directory: str) -> tuple[list, list, str]:
+    """``(complete device events, all process names, trace file)`` of the newest perfetto trace
+    under ``directory``; ``FileNotFoundError`` when there is none."""
     files = sorted(glob.glob(os.path.join(directory, "**", "*perfetto_trace.json.gz"), recursive=True))
     if not files:
-        return {"error": f"no perfetto trace under {directory}"}
+        raise FileNotFoundError(f"no perfetto trace under {directory}")
     with gzip.open(files[-1], "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -49,15 +51,22 @@ def summarize(directory: str, steps: int = 1, top: int = 30) -> dict:
         if e.get("ph") == "M" and e.get("name") == "process_name":
             pnames[e.get("pid")] = str(e.get("args", {}).get("name", ""))
     device_pids = {pid for pid, n in pnames.items() if "/device:" in n and "host" not in n.lower()}
+    device = [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids]
+    return device, sorted(set(pnames.values())), files[-1]
+
+
+def summarize(directory: str, steps: int = 1, top: int = 30) -> dict:
+    try:
+        events, processes, trace_file = device_events(directory)
+    except FileNotFoundError as e:
+        return {"error": str(e)}
     per_name = collections.Counter()
     count = collections.Counter()
     for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in device_pids:
-            continue
         per_name[e["name"]] += float(e.get("dur", 0.0))
         count[e["name"]] += 1
     if not per_name:
-        return {"error": "no device events (CPU run?)", "processes": sorted(set(pnames.values()))[:10]}
+        return {"error": "no device events (CPU run?)", "processes": processes[:10]}
     per_cat = collections.Counter()
     for n, d in per_name.items():
         per_cat[_category(n)] += d
@@ -68,7 +77,7 @@ def summarize(directory: str, steps: int = 1, top: int = 30) -> dict:
         "top_kernels_ms_per_step": [
             {"name": n[:160], "ms": ms(d), "calls_per_step": count[n] / steps} for n, d in per_name.most_common(top)
         ],
-        "trace_file": files[-1],
+        "trace_file": trace_file,
     }
 
 

@@ -269,3 +269,33 @@ def test_benchmark_losses_agree_with_the_full_logit_loss():
         assert float(value) == pytest.approx(ref, rel=1e-5), name
     with pytest.raises(ValueError, match="loss must be one of"):
         make_loss_fn("fused", logits, hidden, lambda p: p["head"])
+
+
+def test_trace_attribution_joins_kernels_to_op_names():
+    from benchmarks import trace_attribution as ta
+
+    hlo = "\n".join([
+        "%fused_computation.1 (p: f32[4]) -> f32[4] {",
+        '  %m = f32[4] multiply(p, p), metadata={op_name="jit(step)/jvp(M)/model/layers/0/mlp/mul"}',
+        "}",
+        "ENTRY %main (a: bf16[4,4]) -> f32[4] {",
+        '  %custom-call.3 = bf16[4,4] custom-call(a), metadata={op_name="jit(step)/transpose(jvp(M))/model/layers/1/mlp/up_proj/dot_general"}',
+        "  %loop_multiply_fusion = f32[4] fusion(x), kind=kLoop, calls=%fused_computation.1",
+        '  %reduce.9 = pred[] reduce(y), metadata={op_name="jit(step)/reduce_and"}',
+        '  %fusion.2 = f32[8] fusion(z), metadata={op_name="jit(step)/jvp()/while/body/dot_general"}',
+        "}",
+    ])
+    names = ta.hlo_op_names(hlo)
+    assert names["loop_multiply_fusion"].endswith("mlp/mul")  # from the computation it calls
+    events = [
+        {"name": "nvjet_sm90_tst_256x128", "dur": 4000.0, "args": {"hlo_op": "custom-call.3"}},
+        {"name": "loop_multiply_fusion", "dur": 1000.0, "args": {"hlo_op": "loop_multiply_fusion"}},
+        {"name": "input_reduce_fusion", "dur": 500.0, "args": {"hlo_op": "reduce.9"}},
+        {"name": "gemm_fusion_dot_7", "dur": 300.0, "args": {"hlo_op": "fusion.2"}},
+        {"name": "mystery", "dur": 200.0, "args": {}},
+    ]
+    r = ta.attribute(events, names, steps=2)
+    assert r["busy_ms_per_step"] == pytest.approx(3.0)
+    assert r["by_part"] == {"bwd up_proj": 2.0, "fwd mlp activation": 0.5, "step optimizer/guard": 0.25,
+                            "fwd loss": 0.15, "? unattributed": 0.1}
+    assert r["by_kind"]["cublas-bf16"] == 2.0 and r["by_kind"]["triton-gemm"] == 0.15
