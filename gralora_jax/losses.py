@@ -9,14 +9,14 @@ their token counts (the accumulated step then equals one step on the concatenate
 
 ``chunked_cross_entropy`` is the memory-light cross-entropy over a large vocabulary: it
 flattens the tokens, splits them into chunks of ``chunk_size`` and, with ``lax.scan`` over
-the chunks, computes each chunk's logits ``hidden @ lm_head_kernel`` (in the hidden states' dtype, like
-the models' full logits, then float32), its log-sum-exp and the label logit: peak memory is ``chunk_size x vocab`` floats instead of
-``B x T x vocab``. It has its own VJP: when differentiated, the forward pass also forms each
-chunk's ``softmax - one_hot`` and multiplies it (in the head's dtype) by the head, so the
-backward pass only scales that ``d loss / d hidden`` by the incoming per-token cotangent. The
-logits are computed once, not recomputed; a trainable head recomputes them for its own
-gradient. Its labels are taken as given (already shifted); ``mask`` (and ``labels < 0``,
-e.g. -100) drops tokens.
+the chunks, computes each chunk's logits ``hidden @ lm_head_kernel`` (in the hidden states'
+dtype, like the models' full logits, then float32), its log-sum-exp and the label logit: peak
+memory is ``chunk_size x vocab`` logits instead of ``B x T x vocab``. It has its own VJP: when
+differentiated, the forward pass also forms each chunk's ``softmax - one_hot`` and multiplies
+it (in the head's dtype) by the head, so the backward pass only scales that ``d loss / d
+hidden`` by the incoming per-token cotangent. The logits are computed once, not recomputed; a
+trainable head recomputes them for its own gradient. Its labels are taken as given (already
+shifted); ``mask`` (and ``labels < 0``, e.g. -100) drops tokens.
 
 ``chunked_causal_lm_loss`` is ``causal_lm_loss`` from the final hidden state and the lm_head
 kernel, never materialising ``[B, T, vocab]`` logits: it runs ``chunked_cross_entropy`` on
@@ -96,8 +96,9 @@ def chunked_causal_lm_loss(hidden, lm_head_kernel, labels, loss_mask=None, *, ch
 
     ``hidden``: [B, T, D] final hidden states; ``lm_head_kernel``: [D, V]; ``labels`` and
     ``loss_mask`` as in :func:`causal_lm_loss`; ``logit_softcap``: Gemma2's final
-    ``c * tanh(logits / c)``. ``chunk_size`` is the number of tokens whose logits exist
-    at once: each chunk covers ``ceil(chunk_size / B)`` positions of every row. Returns ``(loss f32 scalar, num_tokens f32 scalar)``.
+    ``c * tanh(logits / c)``. ``chunk_size`` is the number of tokens whose logits exist at
+    once: each chunk covers ``ceil(chunk_size / B)`` positions of every row. Returns
+    ``(loss f32 scalar, num_tokens f32 scalar)``.
     """
     if hidden.ndim != 3 or labels.ndim != 2 or hidden.shape[:2] != labels.shape:
         raise ValueError(
@@ -224,7 +225,7 @@ def _token_losses_bwd(vocab_axes, softcap, res, g):
     g = g.astype(jnp.float32)
     dh = None if dh is None else (dh.astype(jnp.float32) * g[..., None]).astype(dh.dtype)
     dk = None
-    if kernel is not None:  # a trainable head's gradient: each chunk's logits again, weighted by its cotangent
+    if kernel is not None:  # a trained head: each chunk's logits again, weighted by its cotangent
         def body(acc, xs):
             hc, yc, gc = xs
             dz = _chunk_loss(hc, yc, kernel, vocab_axes, softcap, grad=True)[1] * gc[:, None]

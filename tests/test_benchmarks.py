@@ -1,6 +1,6 @@
 """CPU smoke test of benchmarks/: the throughput command on the tiny shape, plus the
 arithmetic it reports (parameter counts against the published model sizes, FLOP formula
-by hand, the trace summariser, the ratios)."""
+by hand, the trace summariser and attribution, the ratios)."""
 
 import gzip
 import json
