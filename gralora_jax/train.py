@@ -809,6 +809,10 @@ class Trainer:
                     if stop:
                         self.stop_reason = stop
                         break
+                if self.stop_reason is None and step > start:
+                    # a signal during the last step's log, eval or checkpoint: that step is saved, and
+                    # the request to stop still holds (the caller skips what comes after training)
+                    self.stop_reason, _ = _agreed_stop(sig.reason, step, 1)
             if pending:  # never returns a state with an unchecked step
                 self._fetch(step, pending)
             self.stop_reason = self.stop_reason or "done"

@@ -235,6 +235,27 @@ def test_grouped_finiteness_check_finds_one_bad_element(params, mesh, bad):
     assert 0 < text.count("reduce_sum") < len(floats)
 
 
+def test_signal_during_the_last_checkpoint_still_stops(params, mesh, tmp_path):
+    """Ctrl-C that lands while the last step is being checkpointed: the checkpoint is written and
+    the run reports the signal (so the CLI exits 130 before export and evaluation), not "done"."""
+    import os
+    import signal
+
+    tr = _trainer(params, mesh, tmp_path, steps=3, loss_fn=toy_loss_fn, checkpoint_every=0)
+    real_save = tr.save
+
+    def save_with_ctrl_c(data_iter):
+        if tr.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(data_iter)
+
+    tr.save = save_with_ctrl_c
+    tr.fit(ToyData())
+    assert tr.stop_reason == "sigint" and exit_code(tr.stop_reason) == 130
+    assert tr.checkpointer.all_steps() == [3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after fit
+
+
 def test_lr_too_high_nan_never_exported(params, mesh):
     """lr=1e4 with no clipping: the first non-finite update stops training, params stay finite."""
     import dataclasses
