@@ -235,6 +235,27 @@ def test_grouped_finiteness_check_finds_one_bad_element(params, mesh, bad):
     assert 0 < text.count("reduce_sum") < len(floats)
 
 
+def test_host_runs_at_most_two_steps_ahead(params, mesh, reference, monkeypatch):
+    """Between log steps the loop waits for step n-2 before going on from step n, so a signal
+    (handled only while Python runs, not while it waits on the device) is acted on within about
+    two steps instead of after every step queued since the last log."""
+    import importlib
+
+    assert importlib.import_module("gralora_jax.train")._STEPS_AHEAD == 2
+    waited = []
+    real = jax.block_until_ready
+
+    def spy(x):
+        waited.append(float(jax.device_get(x["loss"])))
+        return real(x)
+
+    monkeypatch.setattr(jax, "block_until_ready", spy)
+    _trainer(params, mesh, steps=6, loss_fn=toy_loss_fn, log_every=100).fit(ToyData())
+    monkeypatch.undo()
+    # after dispatching steps 3..6 the loop waited for steps 1..4 (their losses, from the plain loop)
+    np.testing.assert_allclose(waited, reference["loss"][:4], rtol=1e-6)
+
+
 def test_signal_during_the_last_checkpoint_still_stops(params, mesh, tmp_path):
     """Ctrl-C that lands while the last step is being checkpointed: the checkpoint is written and
     the run reports the signal (so the CLI exits 130 before export and evaluation), not "done"."""
