@@ -11,8 +11,8 @@ module joins the two and sums time per
 * part: the loss (the chunked loss's ``while`` loop), the step outside the model (optimizer,
   finiteness guard), a projection (``q_proj`` ... ``down_proj``), the attention core with rotary,
   the MLP activation, the norms;
-* kernel kind: bf16 cuBLAS GEMM, float32 cuBLAS GEMM, Triton GEMM fusion, cuDNN attention,
-  copy, other (elementwise and reduction fusions).
+* kernel kind (:func:`benchmarks.trace_summary.kernel_kind`): bf16 cuBLAS GEMM, other GEMM
+  (float32 cuBLAS), Triton GEMM fusion, cuDNN attention, copy, other (elementwise and reductions).
 
 Run the step with CUDA command buffers off, so that each kernel names its own instruction::
 
@@ -31,7 +31,7 @@ import json
 import os
 import re
 
-from benchmarks.trace_summary import device_events
+from benchmarks.trace_summary import device_events, kernel_kind
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -68,22 +68,6 @@ def hlo_op_names(hlo_text: str) -> dict:
         if name not in out and inside[callee]:
             out[name] = inside[callee].most_common(1)[0][0]
     return out
-
-
-def kernel_kind(kernel: str) -> str:
-    """The kind of a GPU kernel, from its name."""
-    k = kernel.lower()
-    if "gemm_fusion" in k or "triton" in k:
-        return "triton-gemm"
-    if "nvjet" in k or ("xmma" in k and "bf16" in k):
-        return "cublas-bf16"
-    if "xmma" in k or "gemm" in k or "cublas" in k:
-        return "cublas-f32"
-    if any(s in k for s in ("cudnn", "sdpa", "fmha", "flash")):
-        return "cudnn-attention"
-    if any(s in k for s in ("copy", "transpose", "memcpy", "memset")):
-        return "copy"
-    return "other"
 
 
 def model_part(op_name: str) -> tuple[str, str]:

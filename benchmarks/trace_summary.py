@@ -24,17 +24,34 @@ import json
 import os
 
 
-def _category(name: str) -> str:
+def kernel_kind(name: str) -> str:
+    """The kind of a GPU kernel, from its name: ``triton-gemm`` (XLA's Triton GEMM fusions),
+    ``cublas-bf16`` (cuBLASLt ``nvjet`` / bf16 ``xmma``), ``gemm-other`` (float32 cuBLAS, CUTLASS),
+    ``cudnn-attention``, ``copy`` or ``other``."""
     n = name.lower()
-    if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "dot")):
-        return "matmul"
-    if any(s in n for s in ("flash", "fmha", "cudnn", "attention")):
-        return "attention"
+    if "gemm_fusion" in n or "triton" in n:
+        return "triton-gemm"
+    if "nvjet" in n or ("xmma" in n and "bf16" in n):
+        return "cublas-bf16"
+    if any(s in n for s in ("gemm", "cutlass", "xmma", "cublas", "matmul", "dot")):
+        return "gemm-other"
+    if any(s in n for s in ("flash", "fmha", "cudnn", "sdpa", "attention")):
+        return "cudnn-attention"
     if any(s in n for s in ("memcpy", "memset", "transpose", "copy")):
         return "copy"
-    if "fusion" in n or "reduce" in n or "loop" in n:
-        return "fusion"
     return "other"
+
+
+_COARSE = {"triton-gemm": "matmul", "cublas-bf16": "matmul", "gemm-other": "matmul", "cudnn-attention": "attention",
+           "copy": "copy"}
+
+
+def _category(name: str) -> str:
+    kind = kernel_kind(name)
+    if kind in _COARSE:
+        return _COARSE[kind]
+    n = name.lower()
+    return "fusion" if ("fusion" in n or "reduce" in n or "loop" in n) else "other"
 
 
 def device_events(directory: str) -> tuple[list, list, str]:
